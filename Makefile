@@ -1,0 +1,67 @@
+# qbook: the two set-up commands are `make book` and `make test` (see README.md).
+# Both create/update a local virtual environment in $(VENV) with everything they need.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+# A CPU-only machine must not download the multi-GB CUDA build of torch: unless a GPU is present (or the
+# local pip configuration already provides a CPU wheel through find-links), torch comes from PyTorch's
+# CPU wheel index.
+TORCH_INDEX ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 || $(PYTHON) -m pip config list 2>/dev/null | grep -q find-links; \
+                 then echo ""; else echo "--extra-index-url https://download.pytorch.org/whl/cpu"; fi)
+
+# Determinism and offline operation for everything the targets run.
+export PYTHONHASHSEED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export CUBLAS_WORKSPACE_CONFIG := :4096:8
+
+NOTEBOOKS := $(sort $(wildcard book/[0-9][0-9]_*.ipynb))
+STAMP     := $(VENV)/.qbook-installed
+
+.PHONY: help venv book test unit nbval notebooks notebook lint clean
+
+help:
+	@echo "make book       build the book into _build/html (creates $(VENV) on first use)"
+	@echo "make test       run all tests: unit tests, doctests and nbval over every notebook"
+	@echo "make notebooks  re-execute every notebook in place (NB=book/03_x.ipynb for one)"
+	@echo "make lint       ruff over the package, tests, benchmarks and notebooks"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)" $(TORCH_INDEX)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+	@echo
+	@echo "The book is built. Open it in a browser:"
+	@echo "    file://$(CURDIR)/_build/html/index.html"
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile qbook tests book --nbval --nbval-current-env
+
+unit: $(STAMP)
+	$(PY) -m pytest -n 2 qbook tests
+
+nbval: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile book --nbval --nbval-current-env
+
+notebooks: $(STAMP)
+	$(PY) -m nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 \
+	    $(if $(NB),$(NB),$(NOTEBOOKS))
+
+notebook: notebooks
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qbook tests benchmarks book
+
+clean:
+	rm -rf _build .pytest_cache .hypothesis

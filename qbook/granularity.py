@@ -1,0 +1,196 @@
+"""Granularity (量化力度): which elements share one scale and zero point — chapter 6.
+
+One mechanism serves every primitive. A granularity is a small frozen dataclass that knows
+
+* :meth:`~PerTensor.param_shape` — the shape of ``scale``/``zero_point`` for data of a given shape,
+  chosen so that (per-tensor, per-channel) it broadcasts against the data directly;
+* :meth:`~PerTensor.groups` — the data rearranged as ``(G, n)``: one row per quantization group, so that
+  ``groups(x).amin(1).reshape(param_shape(x.shape))`` is the per-group minimum;
+* :meth:`~PerTensor.expand` — a parameter of ``param_shape`` made broadcastable against the data
+  (identity except for per-group, which repeats each group's value ``group_size`` times).
+
+``qbook.quantize``/``dequantize``/``fake_quantize`` accept ``granularity=`` and call :meth:`expand`, and the
+observers of chapter 5 reduce over :meth:`groups`.
+
+>>> import torch
+>>> w = torch.arange(8.0).reshape(2, 4)        # (C, K) = (2, 4)
+>>> PerChannel(axis=0).param_shape(w.shape)
+(2, 1)
+>>> g = PerGroup(axis=1, group_size=2)
+>>> g.param_shape(w.shape)                      # (C, K // group_size)
+(2, 2)
+>>> g.groups(w).amax(1).reshape(g.param_shape(w.shape))
+tensor([[1., 3.],
+        [5., 7.]])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Granularity", "PerChannel", "PerGroup", "PerTensor", "minmax", "qparam_count"]
+
+
+def _axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a tensor with {ndim} dimensions")
+    return axis % ndim
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale and zero point for the whole tensor (parameter shape ``()``)."""
+
+    def param_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+        return ()
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, -1)  # (1, numel)
+
+    def expand(self, param: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        if isinstance(param, torch.Tensor) and param.numel() != 1:
+            raise ValueError(
+                f"per-tensor parameter must hold one value, got shape {tuple(param.shape)} "
+                f"for data of shape {tuple(shape)}"
+            )
+        return param
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale and zero point per index along ``axis`` (parameter shape e.g. ``(C, 1)`` for axis 0 of 2-D).
+
+    Weights of a linear layer ``(out_features, in_features)`` use ``PerChannel(axis=0)``: one scale per
+    output channel, which the integer matmul can apply after accumulation.
+
+    The same class gives *per-token* (逐 token) scales for activations: a ``(tokens, features)`` matrix
+    with ``PerChannel(axis=0)`` has one scale per row, i.e. per token; flatten ``(batch, seq, features)`` to
+    ``(batch * seq, features)`` first. :meth:`expand` also accepts the 1-D ``(C,)`` form that PyTorch's
+    per-channel tensors store, and reshapes it to :meth:`param_shape`.
+
+    >>> PerChannel(axis=0).expand(torch.tensor([1.0, 2.0]), (2, 3)).shape
+    torch.Size([2, 1])
+    """
+
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise TypeError(f"axis must be an int, got {self.axis!r}")
+
+    def param_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+        axis = _axis(self.axis, len(shape))
+        return tuple(n if d == axis else 1 for d, n in enumerate(shape))
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        axis = _axis(self.axis, x.ndim)
+        return x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, numel // C)
+
+    def expand(self, param: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        axis = _axis(self.axis, len(shape))
+        if not isinstance(param, torch.Tensor) or param.ndim == 0:
+            return param
+        expected = self.param_shape(shape)
+        if tuple(param.shape) == expected:
+            return param
+        if param.ndim == 1 and param.shape[0] == shape[axis]:
+            return param.reshape(expected)  # (C,) -> e.g. (C, 1)
+        raise ValueError(
+            f"per-channel parameter has shape {tuple(param.shape)}, expected {expected} or "
+            f"({shape[axis]},) for data of shape {tuple(shape)} and {self}"
+        )
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale and zero point per block of ``group_size`` consecutive elements along ``axis``.
+
+    For a weight ``(N, K)`` and ``PerGroup(axis=1, group_size=128)`` the parameters have shape
+    ``(N, K // 128)``. ``group_size`` must divide the length of ``axis`` (no implicit padding: pad the data
+    yourself if you need to).
+    """
+
+    axis: int = -1
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise TypeError(f"axis must be an int, got {self.axis!r}")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+
+    def _check(self, shape: tuple[int, ...] | torch.Size) -> int:
+        axis = _axis(self.axis, len(shape))
+        if shape[axis] % self.group_size != 0:
+            raise ValueError(
+                f"group_size {self.group_size} does not divide the length {shape[axis]} of axis {self.axis} "
+                f"(shape {tuple(shape)}); pad the tensor to a multiple of {self.group_size} first"
+            )
+        return axis
+
+    def param_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+        axis = self._check(shape)
+        return tuple(n // self.group_size if d == axis else n for d, n in enumerate(shape))
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self._check(x.shape)
+        moved = x.movedim(axis, -1)  # (..., L)
+        return moved.reshape(-1, self.group_size)  # (numel // g, g), groups in param order after movedim
+
+    def expand(self, param: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        axis = self._check(shape)
+        if not isinstance(param, torch.Tensor) or param.ndim == 0:
+            return param
+        if tuple(param.shape) != self.param_shape(shape):
+            raise ValueError(
+                f"per-group parameter has shape {tuple(param.shape)}, expected {self.param_shape(shape)} "
+                f"for data of shape {tuple(shape)} and {self}"
+            )
+        return param.repeat_interleave(self.group_size, dim=axis)
+
+
+Granularity = PerTensor | PerChannel | PerGroup
+
+
+def _reshape_params(values: torch.Tensor, granularity: Granularity, shape: torch.Size) -> torch.Tensor:
+    """Rows of :meth:`groups` back to :meth:`param_shape` (per-group moved its axis last; undo that)."""
+    if isinstance(granularity, PerGroup):
+        axis = _axis(granularity.axis, len(shape))
+        moved = list(shape)
+        moved.append(moved.pop(axis) // granularity.group_size)
+        return values.reshape(moved).movedim(-1, axis)
+    return values.reshape(granularity.param_shape(shape))
+
+
+def minmax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group minimum and maximum of ``x``, each of shape ``granularity.param_shape(x.shape)``.
+
+    >>> import torch
+    >>> lo, hi = minmax(torch.tensor([[1.0, -2.0], [3.0, 4.0]]), PerChannel(axis=0))
+    >>> lo.flatten().tolist(), hi.flatten().tolist()
+    ([-2.0, 3.0], [1.0, 4.0])
+    """
+    if x.numel() == 0:
+        raise ValueError(f"cannot take the range of an empty tensor (shape {tuple(x.shape)})")
+    rows = granularity.groups(x)  # (G, n)
+    return (
+        _reshape_params(rows.amin(dim=1), granularity, x.shape),
+        _reshape_params(rows.amax(dim=1), granularity, x.shape),
+    )
+
+
+def qparam_count(shape: tuple[int, ...] | torch.Size, granularity: Granularity) -> int:
+    """Number of scales (and of zero points) that ``granularity`` needs for data of ``shape``.
+
+    For a weight of shape ``(N, K)``: per-tensor 1, per-channel ``N``, per-group ``N * K / g`` — the overhead
+    that :func:`qbook.packing.bits_per_weight` charges to every weight.
+
+    >>> qparam_count((4096, 4096), PerTensor()), qparam_count((4096, 4096), PerChannel(0))
+    (1, 4096)
+    >>> qparam_count((4096, 4096), PerGroup(axis=1, group_size=128))
+    131072
+    """
+    return math.prod(granularity.param_shape(tuple(shape)))
