@@ -29,6 +29,9 @@ def _config_inited(app, config) -> None:
             "inlineMath": [["\\(", "\\)"]],
             "displayMath": [["\\[", "\\]"]],
             "processEscapes": True,
+            # MyST marks whole pages with the ignore class and the math itself with these classes.
+            "ignoreClass": "tex2jax_ignore|mathjax_ignore",
+            "processClass": "tex2jax_process|mathjax_process|math|output_area",
         },
         "HTML-CSS": {"availableFonts": ["TeX"], "imageFont": None},
         "showMathMenu": False,
