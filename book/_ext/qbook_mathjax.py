@@ -33,7 +33,8 @@ def _config_inited(app, config) -> None:
             "ignoreClass": "tex2jax_ignore|mathjax_ignore",
             "processClass": "tex2jax_process|mathjax_process|math|output_area",
         },
-        "HTML-CSS": {"availableFonts": ["TeX"], "imageFont": None},
+        # The package ships the STIX web fonts only.
+        "HTML-CSS": {"availableFonts": [], "preferredFont": None, "webFont": "STIX-Web", "imageFont": None},
         "showMathMenu": False,
     }
 
