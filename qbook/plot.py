@@ -84,7 +84,10 @@ def finish(
     title: str | None = None,
     legend: bool | None = None,
 ) -> Figure:
-    """Label the axes (each of ``axes`` when several), add a legend where lines are labelled, return ``fig``."""
+    """Label the axes (each of ``axes`` when several), add a legend where lines are labelled; return ``fig``.
+
+    A figure with several axes gets ``title`` as its suptitle.
+    """
     ax_list = [axes] if isinstance(axes, Axes) else list(axes)
     for ax in ax_list:
         if xlabel is not None:

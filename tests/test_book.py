@@ -97,5 +97,5 @@ def test_documented_examples_run(path: Path) -> None:
 
 def test_config_points_nowhere_invented() -> None:
     config = (ROOT / "_config.yml").read_text(encoding="utf-8")
-    assert "github.com" not in config and "http" not in config, "_config.yml must not point at invented places"
+    assert "github.com" not in config and "http" not in config, "_config.yml must point at no invented place"
     assert yaml.safe_load(config)["execute"]["execute_notebooks"] == "off"
