@@ -119,7 +119,9 @@ class PerGroup:
     def __post_init__(self) -> None:
         if not isinstance(self.axis, int) or isinstance(self.axis, bool):
             raise TypeError(f"axis must be an int, got {self.axis!r}")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
+            raise TypeError(f"group_size must be an int, got {self.group_size!r}")
+        if self.group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
 
     def _check(self, shape: tuple[int, ...] | torch.Size) -> int:

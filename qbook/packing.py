@@ -1,0 +1,285 @@
+"""Sub-byte storage (低比特存储): int4, int3, int2 codes packed into bytes, and their true size — chapter 6.
+
+PyTorch has no 4-bit integer dtype that computes, so a quantized int4 weight lives in an ``int8`` tensor and
+wastes half of every byte. :func:`pack` removes the waste. Along the last dimension it writes the codes as
+one little-endian **bit stream**: code ``i`` occupies bits ``[bits * i, bits * (i + 1))``, the first code in
+the lowest bits of the first byte (the order of ONNX's ``INT4``, ``INT2`` and 6-bit float types)::
+
+    bits = 4:   byte i = (q[2i+1] & 0xF) << 4 | (q[2i] & 0xF)                 [1, 2] -> 0x21
+                bit   7 6 5 4 | 3 2 1 0
+                      q[2i+1] | q[2i]
+
+    bits = 2:   byte i = q[4i+3] << 6 | q[4i+2] << 4 | q[4i+1] << 2 | q[4i]   (each & 0b11)
+
+    bits = 3:   eight codes in three bytes; q[2] straddles bytes 0 and 1, q[5] bytes 1 and 2
+                byte 0: q2[1:0] q1 q0 | byte 1: q5[0] q4 q3 q2[2] | byte 2: q7 q6 q5[2:1]
+
+A row of ``L`` codes takes ``ceil(L * bits / 8)`` bytes; unused bits of the last byte are zero, and
+:func:`unpack` needs ``L`` back to know where the row ends. Signed codes are stored in two's complement
+within their field (-1 -> ``0xF`` for int4), unsigned codes as they are; :func:`unpack` sign-extends or
+not, so it must be told which. ``bits = 8`` is the identity on the bytes (int8 reinterpreted as uint8).
+
+:func:`storage_bytes` and :func:`bits_per_weight` count what a quantized weight really costs: the packed
+codes plus one scale (and optionally one zero point) per group of :mod:`qbook.granularity`,
+
+    bits/weight = bits + (scale_bits + zero_point_bits) / (weights per scale)               (6.1)
+
+e.g. int4 with an fp16 scale per group of 128: 4 + 16/128 = 4.125.
+
+>>> import torch
+>>> q = torch.tensor([1, 2, -1, -8, 7], dtype=torch.int8)     # five int4 codes
+>>> p = pack(q, bits=4)
+>>> [hex(b) for b in p.tolist()]                              # 0x21, then 0x8F (-8 high, -1 low), then 0x07
+['0x21', '0x8f', '0x7']
+>>> unpack(p, bits=4, length=5, signed=True)
+tensor([ 1,  2, -1, -8,  7], dtype=torch.int8)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qbook.granularity import Granularity, PerChannel, PerGroup, PerTensor, qparam_count
+
+__all__ = ["BITS", "bits_per_weight", "code_range", "pack", "packed_length", "storage_bytes", "unpack"]
+
+#: Code widths that :func:`pack` supports.
+BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _check_bits(bits: object) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise TypeError(f"bits must be an int, got {bits!r}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return bits
+
+
+def _check_length(length: object) -> int:
+    if not isinstance(length, int) or isinstance(length, bool):
+        raise TypeError(f"length must be an int, got {length!r}")
+    if length < 0:
+        raise ValueError(f"length must be non-negative, got {length}")
+    return length
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a ``bits``-wide field: ``[-2^(b-1), 2^(b-1) - 1]`` signed, ``[0, 2^b - 1]``
+    unsigned.
+
+    >>> code_range(4, signed=True), code_range(4, signed=False), code_range(3, signed=True)
+    ((-8, 7), (0, 15), (-4, 3))
+    """
+    _check_bits(bits)
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Bytes that :func:`pack` uses for a last dimension of ``length`` codes: ``ceil(length * bits / 8)``.
+
+    >>> packed_length(5, 4), packed_length(5, 2), packed_length(8, 3), packed_length(5, 8)
+    (3, 2, 3, 5)
+    """
+    return -(-_check_length(length) * _check_bits(bits) // 8)
+
+
+def _block(bits: int) -> tuple[int, int]:
+    """``(codes, bytes)`` of the smallest whole block: ``lcm(bits, 8)`` bits, e.g. 8 int3 codes in 3 bytes."""
+    block_bits = math.lcm(bits, 8)
+    return block_bits // bits, block_bits // 8
+
+
+def pack(q: torch.Tensor, bits: int, *, signed: bool | None = None) -> torch.Tensor:
+    """Pack integer codes into a ``uint8`` bit stream along the last dimension — chapter 6.
+
+    Bit ``t`` of code ``q[..., i]`` (``mod 2^bits``, i.e. two's complement for negative codes) becomes bit
+    ``bits * i + t`` of the row's stream, and byte ``k`` holds stream bits ``[8k, 8k + 8)``. For ``bits`` that
+    divide 8 this is ``byte[..., i] = sum_j (q[..., n*i + j] mod 2^bits) * 2^(bits * j)`` with
+    ``n = 8 / bits``. A last dimension of length ``L`` gives ``ceil(L * bits / 8)`` bytes.
+
+    ``signed`` defaults to the signedness of ``q``'s dtype (``uint8`` unsigned, ``int8``/``int16``/``int32``/
+    ``int64`` signed); pass it to pack, say, unsigned codes held in an ``int32`` tensor. A code outside
+    :func:`code_range` is a ``ValueError``; a float or bool tensor a ``TypeError``.
+
+    >>> import torch
+    >>> pack(torch.tensor([[1, 2], [3, 4]], dtype=torch.int8), bits=4)   # (2, 2) -> (2, 1)
+    tensor([[33],
+            [67]], dtype=torch.uint8)
+    >>> pack(torch.tensor([0, 1, 2, 3], dtype=torch.uint8), bits=2)       # 0b11_10_01_00
+    tensor([228], dtype=torch.uint8)
+    >>> pack(torch.tensor([-1, 0, 0, 0, 0, 0, 0, -4]), bits=3)            # 8 codes, 3 bytes: 0x07 0x00 0x80
+    tensor([  7,   0, 128], dtype=torch.uint8)
+    """
+    bits = _check_bits(bits)
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be an integer torch.Tensor, got {type(q).__name__}")
+    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise TypeError(f"q must hold integer codes, got dtype {q.dtype}; quantize it first")
+    if q.ndim == 0:
+        raise ValueError("q must have at least one dimension to pack along; got a 0-d tensor")
+    if signed is None:
+        signed = q.dtype.is_signed
+    elif not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool or None, got {signed!r}")
+    _check_codes(q, bits, signed)
+    per_block, bytes_per_block = _block(bits)
+    length = q.shape[-1]
+    fields = q.to(torch.int64) & (2**bits - 1)  # two's complement in the low `bits` bits
+    fields = torch.nn.functional.pad(fields, (0, -length % per_block))
+    fields = fields.reshape(*q.shape[:-1], -1, per_block)  # (..., blocks, codes per block)
+    shifts = torch.arange(per_block, device=q.device) * bits
+    stream = (fields << shifts).sum(dim=-1, keepdim=True)  # (..., blocks, 1): disjoint fields, sum == or
+    byte_shifts = torch.arange(bytes_per_block, device=q.device) * 8
+    packed = ((stream >> byte_shifts) & 0xFF).to(torch.uint8)  # (..., blocks, bytes per block)
+    packed = packed.reshape(*q.shape[:-1], -1)  # (..., bytes in whole blocks)
+    return packed[..., : packed_length(length, bits)].contiguous()  # (..., ceil(L * bits / 8))
+
+
+def _check_codes(q: torch.Tensor, bits: int, signed: bool) -> None:
+    qmin, qmax = code_range(bits, signed)
+    outside = (q < qmin) | (q > qmax)
+    if not outside.any():
+        return
+    index = tuple(int(i) for i in outside.nonzero()[0])
+    kind = "signed" if signed else "unsigned"
+    other_min, other_max = code_range(bits, not signed)
+    fits_other = bool(other_min <= q.min()) and bool(q.max() <= other_max)
+    hint = f"; pass signed={not signed} for {'un' * signed}signed codes" if fits_other else ""
+    raise ValueError(
+        f"code {q[index].item()} at index {index} is outside [{qmin}, {qmax}], the range of {kind} "
+        f"{bits}-bit codes{hint}"
+    )
+
+
+def unpack(packed: torch.Tensor, bits: int, length: int, *, signed: bool) -> torch.Tensor:
+    """Undo :func:`pack`: ``length`` codes per last-dimension row, as int8 (signed) or uint8 — chapter 6.
+
+    Code ``i`` is stream bits ``[bits * i, bits * (i + 1))``, sign-extended when ``signed`` (a field
+    ``f >= 2^(bits-1)`` stands for ``f - 2^bits``). ``packed`` must be ``uint8`` with
+    ``ceil(length * bits / 8)`` bytes in its last dimension, and the stream bits after the last code must be
+    zero (a wrong ``length`` that happens to need as many bytes is caught this way).
+
+    >>> import torch
+    >>> unpack(torch.tensor([0x21, 0xF7], dtype=torch.uint8), bits=4, length=4, signed=True)
+    tensor([ 1,  2,  7, -1], dtype=torch.int8)
+    >>> unpack(torch.tensor([0x21, 0xF7], dtype=torch.uint8), bits=4, length=4, signed=False)
+    tensor([ 1,  2,  7, 15], dtype=torch.uint8)
+    """
+    bits = _check_bits(bits)
+    length = _check_length(length)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"packed must be a torch.uint8 tensor (the output of pack), got {got}")
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {signed!r}")
+    if packed.ndim == 0:
+        raise ValueError("packed must have at least one dimension; got a 0-d tensor")
+    n_bytes = packed_length(length, bits)
+    if packed.shape[-1] != n_bytes:
+        raise ValueError(
+            f"length {length} at {bits} bits needs {n_bytes} bytes in the last dimension, "
+            f"but packed has {packed.shape[-1]} (shape {tuple(packed.shape)})"
+        )
+    per_block, bytes_per_block = _block(bits)
+    data = torch.nn.functional.pad(packed.to(torch.int64), (0, -n_bytes % bytes_per_block))
+    data = data.reshape(*packed.shape[:-1], -1, bytes_per_block)  # (..., blocks, bytes per block)
+    byte_shifts = torch.arange(bytes_per_block, device=packed.device) * 8
+    stream = (data << byte_shifts).sum(dim=-1, keepdim=True)  # (..., blocks, 1)
+    shifts = torch.arange(per_block, device=packed.device) * bits
+    fields = (stream >> shifts) & (2**bits - 1)  # (..., blocks, codes per block)
+    fields = fields.reshape(*packed.shape[:-1], -1)  # (..., codes in whole blocks)
+    if fields[..., length:].any():
+        raise ValueError(
+            f"the stream bits after code {length} are not zero: packed holds more than {length} codes "
+            "per row; pass the length that was packed"
+        )
+    fields = fields[..., :length]
+    if signed:
+        fields = fields - ((fields >> (bits - 1)) << bits)  # sign extension: f - 2^bits if the top bit is set
+        return fields.to(torch.int8)
+    return fields.to(torch.uint8)
+
+
+def _check_shape(shape: object) -> tuple[int, ...]:
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        raise TypeError(f"shape must be a tuple of ints, got {shape!r}")
+    if len(shape) == 0 or any(n < 1 for n in shape):
+        raise ValueError(f"shape must have at least one dimension and positive sizes, got {shape}")
+    return shape
+
+
+def _check_param_bits(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+def storage_bytes(
+    shape: tuple[int, ...] | torch.Size,
+    bits: int,
+    granularity: Granularity | None = None,
+    *,
+    scale_bits: int = 16,
+    zero_point_bits: int = 0,
+) -> int:
+    """True size in bytes of a ``bits``-bit quantized tensor of ``shape`` with its parameters — chapter 6.
+
+    ``bytes = prod(shape[:-1]) * ceil(shape[-1] * bits / 8) + ceil(P * scale_bits / 8)
+    + ceil(P * zero_point_bits / 8)``
+
+    with ``P = qparam_count(shape, granularity)`` scales (and as many zero points). The codes are packed
+    along the last dimension by :func:`pack` (each row padded to whole bytes); the parameters are stored
+    densely. ``zero_point_bits = 0`` means symmetric quantization (no zero point stored); asymmetric
+    schemes store it in ``bits`` bits (it lies on the grid) or as fp16. ``granularity`` defaults to
+    per-tensor.
+
+    >>> storage_bytes((4096, 4096), 4, PerGroup(axis=1, group_size=128))   # 8 MiB of codes + 256 KiB scales
+    8650752
+    >>> storage_bytes((3, 5), 4, PerChannel(0), scale_bits=32, zero_point_bits=8)   # 3*3 + 12 + 3
+    24
+    """
+    shape = _check_shape(shape)
+    bits = _check_bits(bits)
+    granularity = PerTensor() if granularity is None else granularity
+    if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
+        raise TypeError(f"granularity must be PerTensor, PerChannel or PerGroup, got {granularity!r}")
+    scale_bits = _check_param_bits(scale_bits, "scale_bits")
+    zero_point_bits = _check_param_bits(zero_point_bits, "zero_point_bits")
+    n_params = qparam_count(shape, granularity)
+    codes = math.prod(shape[:-1]) * packed_length(shape[-1], bits)
+    return codes + -(-n_params * scale_bits // 8) + -(-n_params * zero_point_bits // 8)
+
+
+def bits_per_weight(
+    shape: tuple[int, ...] | torch.Size,
+    bits: int,
+    granularity: Granularity | None = None,
+    *,
+    scale_bits: int = 16,
+    zero_point_bits: int = 0,
+) -> float:
+    """Average storage per element in bits, parameters included: ``8 * storage_bytes(...) / numel`` — (6.1).
+
+    For shapes whose rows fill whole bytes this is ``bits + (scale_bits + zero_point_bits) * P / numel``.
+
+    >>> w = (4096, 4096)
+    >>> bits_per_weight(w, 4, PerGroup(1, 128))                        # fp16 scale: 4 + 16/128
+    4.125
+    >>> bits_per_weight(w, 4, PerGroup(1, 128), zero_point_bits=4)     # + int4 zero point: 4 + 20/128
+    4.15625
+    >>> bits_per_weight(w, 4, PerGroup(1, 128), zero_point_bits=16)    # + fp16 zero point: 4 + 32/128
+    4.25
+    >>> bits_per_weight(w, 3, PerChannel(0))                           # int3, one fp16 scale per row
+    3.00390625
+    """
+    shape = _check_shape(shape)
+    return 8 * storage_bytes(shape, bits, granularity, scale_bits=scale_bits,
+                             zero_point_bits=zero_point_bits) / math.prod(shape)
