@@ -73,7 +73,7 @@ def load_minilm(device: str = "cpu") -> SentenceTransformer:
 
 
 def minilm_weights() -> dict[str, torch.Tensor]:
-    """The float32 weights of all-MiniLM-L6-v2 by name (``"encoder.layer.0.attention.self.query.weight"``, ...).
+    """The float32 weights of all-MiniLM-L6-v2 by name (``"encoder.layer.0.attention.self.query.weight"``).
 
     Read directly from the bundled ``model.safetensors``: no model object, a fraction of a second.
     """
@@ -85,7 +85,7 @@ def minilm_weights() -> dict[str, torch.Tensor]:
 def minilm_token_embeddings(
     sentences: Sequence[str], weights: dict[str, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """The output of MiniLM's embedding layer for every token of ``sentences``, concatenated: ``(tokens, 384)``.
+    """MiniLM's embedding-layer output for every token of ``sentences``, concatenated: ``(tokens, 384)``.
 
     BERT's embedding layer in eval mode: ``LayerNorm(word[id] + position[i] + token_type[0])``, with the
     model's own tokenizer (``[CLS] ... [SEP]`` per sentence, no padding). These are the real inputs of the
