@@ -33,6 +33,7 @@ share :class:`StreamingHistogram`.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import ClassVar
@@ -181,7 +182,7 @@ def _describe(x: object) -> str:
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
-class Observer:
+class Observer(ABC):
     """Base of all observers (chapter 5): ``observe(x)`` (or ``obs(x)``), then ``range()`` and ``qparams()``.
 
     The configuration (``spec``: the integer grid; ``granularity``: who shares a scale) is frozen; the
@@ -266,11 +267,13 @@ class Observer:
             self._state.shape = tuple(x.shape)
         return self.granularity.groups(x.detach().to(torch.float32))  # (G, n)
 
+    @abstractmethod
     def _update(self, rows: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fold one batch, as rows ``(G, n)`` of its quantization groups, into the running statistics."""
 
+    @abstractmethod
     def _range_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``(xmin, xmax)`` per group, each ``(G,)``, from the running statistics."""
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -502,3 +502,10 @@ def test_constant_first_batch_then_growth():
 
 def test_per_tensor_is_default_granularity():
     assert MinMaxObserver().granularity == PerTensor()
+
+
+def test_the_base_observer_is_abstract():
+    from qbook.observers import Observer
+
+    with pytest.raises(TypeError, match="abstract"):
+        Observer()
