@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Granularity", "PerChannel", "PerGroup", "PerTensor", "minmax", "qparam_count"]
+__all__ = ["Granularity", "PerChannel", "PerGroup", "PerTensor", "minmax", "qparam_count", "rows_to_params"]
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -157,8 +157,18 @@ class PerGroup:
 Granularity = PerTensor | PerChannel | PerGroup
 
 
-def _reshape_params(values: torch.Tensor, granularity: Granularity, shape: torch.Size) -> torch.Tensor:
-    """Rows of :meth:`groups` back to :meth:`param_shape` (per-group moved its axis last; undo that)."""
+def rows_to_params(values: torch.Tensor, granularity: Granularity, shape: torch.Size) -> torch.Tensor:
+    """One value per row of ``granularity.groups(x)`` (``(G,)``), laid out in ``param_shape(x.shape)``.
+
+    Per-group ``groups`` moves the grouped axis last before cutting it into rows; this undoes that.
+
+    >>> import torch
+    >>> g = PerGroup(axis=0, group_size=2)
+    >>> x = torch.arange(12.0).reshape(4, 3)                 # (K, N) = (4, 3): groups of 2 down each column
+    >>> rows_to_params(g.groups(x).amax(1), g, x.shape)      # (K // 2, N)
+    tensor([[ 3.,  4.,  5.],
+            [ 9., 10., 11.]])
+    """
     if isinstance(granularity, PerGroup):
         axis = _axis(granularity.axis, len(shape))
         moved = list(shape)
@@ -179,8 +189,8 @@ def minmax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, tor
         raise ValueError(f"cannot take the range of an empty tensor (shape {tuple(x.shape)})")
     rows = granularity.groups(x)  # (G, n)
     return (
-        _reshape_params(rows.amin(dim=1), granularity, x.shape),
-        _reshape_params(rows.amax(dim=1), granularity, x.shape),
+        rows_to_params(rows.amin(dim=1), granularity, x.shape),
+        rows_to_params(rows.amax(dim=1), granularity, x.shape),
     )
 
 

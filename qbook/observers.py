@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 
 from qbook.affine import INT8, QuantSpec, calc_qparams, dequantize, quantize
-from qbook.granularity import Granularity, PerChannel, PerGroup, PerTensor, _reshape_params
+from qbook.granularity import Granularity, PerChannel, PerGroup, PerTensor, rows_to_params
 
 __all__ = [
     "OBSERVERS",
@@ -236,7 +236,7 @@ class Observer(ABC):
             xmin, xmax = self._range_rows()  # (G,) each
             shape = self._state.shape
             self._state.cached = tuple(
-                _reshape_params(v.to(torch.float32), self.granularity, shape) for v in (xmin, xmax)
+                rows_to_params(v.to(torch.float32), self.granularity, shape) for v in (xmin, xmax)
             )
         return self._state.cached
 
