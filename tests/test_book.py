@@ -58,6 +58,15 @@ def test_notebook_executed_top_to_bottom_and_clean(path: Path) -> None:
                 assert "Warning" not in text, f"{path.name} cell {i} prints a warning: {text[:200]!r}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_writes_no_files_outside_the_book(path: Path) -> None:
+    for i, cell in enumerate(_cells(path)):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code":
+            assert "savefig(" not in source, f"{path.name} cell {i} saves a figure file; show it inline"
+            assert "/tmp" not in source, f"{path.name} cell {i} uses a machine-specific path"
+
+
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
 def test_chapter_structure(path: Path) -> None:
     cells = _cells(path)
