@@ -87,8 +87,7 @@ class StreamingHistogram:
     """
 
     def __init__(self, bins: int = 2048, origin: float | None = None) -> None:
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins % 2:
-            raise ValueError(f"bins must be an even int >= 2 (bins merge in pairs), got {bins!r}")
+        _check_bins(bins)
         self.bins = bins
         self.origin = origin
         self.counts: torch.Tensor | None = None
@@ -175,6 +174,11 @@ class StreamingHistogram:
 # --------------------------------------------------------------------------------------------------------
 # The common base
 # --------------------------------------------------------------------------------------------------------
+
+
+def _check_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _describe(x: object) -> str:
@@ -355,7 +359,7 @@ class MovingAverageObserver(Observer):
 
 def _check_bins(bins: object) -> None:
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins % 2:
-        raise ValueError(f"bins must be an even int >= 2, got {bins!r}")
+        raise ValueError(f"bins must be an even int >= 2 (bins merge in pairs), got {bins!r}")
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -442,8 +446,7 @@ class MSEObserver(_HistogramObserver):
     name: ClassVar[str] = "MSE"
 
     def __post_init__(self) -> None:
-        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
-            raise ValueError(f"grid must be a positive int, got {self.grid!r}")
+        _check_positive_int(self.grid, "grid")
         super().__post_init__()
 
     def _range_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -552,8 +555,7 @@ class EntropyObserver(Observer):
 
     def __post_init__(self) -> None:
         _check_bins(self.bins)
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"stride must be a positive int, got {self.stride!r}")
+        _check_positive_int(self.stride, "stride")
         levels = (self.spec.qmax - self.spec.qmin + 1) // 2
         if levels > self.bins:
             raise ValueError(f"bins ({self.bins}) must be at least the {levels} levels of {self.spec}")
@@ -662,8 +664,7 @@ class L2HistogramObserver(_HistogramObserver):
     name: ClassVar[str] = "L2 histogram"
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        _check_positive_int(self.steps, "steps")
         super().__post_init__()
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Figures for the book: one style, labelled axes, modest PNGs.
+"""Figures and tables for the book: one style, labelled axes, modest PNGs, Markdown tables.
 
 Every chapter draws through these helpers so that all figures look alike::
 
@@ -13,14 +13,14 @@ cell's last expression (or ``plt.show()``) displays it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-__all__ = ["COLORS", "STYLE", "apply_style", "figure", "finish"]
+__all__ = ["COLORS", "STYLE", "apply_style", "figure", "finish", "markdown_table", "table"]
 
 #: A colour-blind-safe cycle (Okabe & Ito, 2008), used by every figure of the book.
 COLORS: tuple[str, ...] = (
@@ -103,3 +103,31 @@ def finish(
         else:
             fig.suptitle(title)
     return fig
+
+
+def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown (pipe) table from a header and rows of already formatted cells.
+
+    >>> print(markdown_table(["bits", "SQNR (dB)"], [[8, "49.9"], [4, "25.8"]]))
+    | bits | SQNR (dB) |
+    |---|---|
+    | 8 | 49.9 |
+    | 4 | 25.8 |
+    """
+    header = [str(cell) for cell in header]
+    if not header:
+        raise ValueError("a table needs at least one column")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, row in enumerate(rows):
+        cells = [str(cell) for cell in row]
+        if len(cells) != len(header):
+            raise ValueError(f"row {i} has {len(cells)} cells, expected {len(header)}: {cells!r}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> None:
+    """Display :func:`markdown_table` in a notebook (the book renders it as an HTML table)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(markdown_table(header, rows)))

@@ -610,3 +610,37 @@ def test_bad_input_raises_naming_the_value(call, error, match):
 def test_infinities_saturate():
     q = quantize(torch.tensor([math.inf, -math.inf, 0.0]), 0.1, 10, 0, 255)
     assert q.tolist() == [255, 0, 10]
+
+
+def test_sqnr_db_against_the_definition():
+    from qbook.affine import sqnr_db
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, generator=gen)
+    noise = 0.01 * torch.randn(1000, generator=gen)
+    expected = 10 * np.log10(np.sum(x.double().numpy() ** 2) / np.sum(noise.double().numpy() ** 2))
+    assert sqnr_db(x, x + noise) == pytest.approx(expected, rel=1e-6)
+    assert sqnr_db(x, x) == float("inf")
+    # a uniform grid: about 6.02 dB more per bit
+    scale8, zp8 = calc_qparams(x.min(), x.max(), -128, 127)
+    scale9, zp9 = calc_qparams(x.min(), x.max(), -256, 255)
+    x8 = dequantize(quantize(x, scale8, zp8, -128, 127), scale8, zp8)
+    x9 = dequantize(quantize(x, scale9, zp9, -256, 255), scale9, zp9)
+    assert 5.0 < sqnr_db(x, x9) - sqnr_db(x, x8) < 7.0
+
+
+@pytest.mark.parametrize(
+    "x, x_hat, error, match",
+    [
+        (torch.zeros(3), torch.ones(3), ValueError, "all zeros"),
+        (torch.ones(3), torch.ones(4), ValueError, "same non-empty shape"),
+        (torch.ones(0), torch.ones(0), ValueError, "same non-empty shape"),
+        (torch.ones(3, dtype=torch.int32), torch.ones(3), TypeError, "x must be a floating-point tensor"),
+        (torch.ones(3), [1.0, 1.0, 1.0], TypeError, "x_hat must be a floating-point tensor"),
+    ],
+)
+def test_sqnr_db_bad_input(x, x_hat, error, match):
+    from qbook.affine import sqnr_db
+
+    with pytest.raises(error, match=match):
+        sqnr_db(x, x_hat)
