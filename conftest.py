@@ -1,0 +1,8 @@
+"""Project-wide pytest set-up: nbval compares numbers within the tolerance a cell declares (tests/nbval_tolerance.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+
+pytest_plugins = ["nbval_tolerance"]
