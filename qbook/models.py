@@ -191,8 +191,11 @@ def embedding_agreement(ref: torch.Tensor, test: torch.Tensor, k: int = 5) -> di
     (0.6432, 0.75, 0.875)
     """
     for name, t in (("ref", ref), ("test", test)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim != 2:
-            raise TypeError(f"{name} must be a 2-D floating-point tensor (n, d), got {t!r:.60}")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a 2-D floating-point tensor (n, d), got {got}")
+        if t.ndim != 2 or t.shape[1] == 0:
+            raise ValueError(f"{name} must be 2-D (n, d) with d >= 1, got shape {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or infinite values")
     if ref.shape != test.shape:
@@ -201,6 +204,11 @@ def embedding_agreement(ref: torch.Tensor, test: torch.Tensor, k: int = 5) -> di
         )
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < ref.shape[0]:
         raise ValueError(f"k must be an int in [1, n - 1] = [1, {ref.shape[0] - 1}], got {k!r}")
+    return _embedding_agreement(ref, test, k)
+
+
+def _embedding_agreement(ref: torch.Tensor, test: torch.Tensor, k: int) -> dict[str, float]:
+    """The math of :func:`embedding_agreement`: per-sentence cosines and nearest-neighbour overlap."""
     cosine = torch.nn.functional.cosine_similarity(ref.double(), test.double(), dim=1)  # (n,)
     near_ref, near_test = _nearest(ref, k), _nearest(test, k)  # (n, k) each
     overlap = (near_ref[:, :, None] == near_test[:, None, :]).any(dim=2).double().mean(dim=1)  # (n,)

@@ -119,7 +119,6 @@ class StreamingHistogram:
         self.min, self.max = row_min.clone(), row_max.clone()
 
     def _grow(self, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
-        assert self.counts is not None
         G, B = self.counts.shape
         while True:
             below = row_min < self.lo

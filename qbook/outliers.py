@@ -54,6 +54,12 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------
 
 
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a tensor of dtype {t.dtype} and shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
 def _is_linear(name: str, module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, QuantLinear))
 
@@ -150,15 +156,23 @@ def outlier_channels(absmax: torch.Tensor, threshold: float = 6.0, ratio: float 
     [False, False, True, False, False]
     """
     absmax = _check_absmax(absmax, "absmax")
+    for name, value in (("threshold", threshold), ("ratio", ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    return _outlier_channels(absmax, threshold, ratio)
+
+
+def _outlier_channels(absmax: torch.Tensor, threshold: float, ratio: float) -> torch.Tensor:
+    """The math of :func:`outlier_channels`: a fixed threshold, or far above the typical channel."""
     median = absmax.median()
     return (absmax > threshold) | (absmax > ratio * median)
 
 
 def _check_absmax(absmax: object, name: str) -> torch.Tensor:
-    if not isinstance(absmax, torch.Tensor) or not absmax.is_floating_point() or absmax.ndim != 1:
-        raise TypeError(f"{name} must be a 1-D floating-point tensor (K,), got {absmax!r:.60}")
-    if absmax.numel() == 0:
-        raise ValueError(f"{name} is empty")
+    if not isinstance(absmax, torch.Tensor) or not absmax.is_floating_point():
+        raise TypeError(f"{name} must be a 1-D floating-point tensor (K,), got {_describe(absmax)}")
+    if absmax.ndim != 1 or absmax.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor (K,), got shape {tuple(absmax.shape)}")
     bad = ~torch.isfinite(absmax) | (absmax < 0)
     if bad.any():
         raise ValueError(f"{name} must be finite and non-negative, got {absmax[bad][0].item()!r}")
@@ -173,13 +187,18 @@ def _check_absmax(absmax: object, name: str) -> torch.Tensor:
 def _check_matmul(x: object, weight: object) -> tuple[torch.Tensor, torch.Tensor]:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t!r:.60}")
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
+            raise TypeError(f"{name} must be a floating-point tensor, got {_describe(t)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must have the same dtype, got x {x.dtype} and weight {weight.dtype}")
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1] or 0 in (*x.shape, *weight.shape):
         raise ValueError(
-            f"need x (M, K) and weight (N, K) with the same K, got {tuple(x.shape)} and {tuple(weight.shape)}"
+            "need x (M, K) and weight (N, K) with the same K >= 1 and M, N >= 1, got "
+            f"x {tuple(x.shape)} and weight {tuple(weight.shape)}"
         )
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
+    for name, t in (("x", x), ("weight", weight)):
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            raise ValueError(f"{name} {tuple(t.shape)} contains {int(bad.sum())} NaN or infinite value(s)")
     return x, weight
 
 
@@ -190,10 +209,23 @@ def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     >>> outlier_columns(torch.tensor([[0.1, 7.0, -0.2], [0.3, 0.2, -6.5]]), 6.0).tolist()
     [False, True, True]
     """
+    _check_threshold(threshold)
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"x must be a real number tensor (M, K), got {_describe(x)}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    return _outlier_columns(x, threshold)
+
+
+def _check_threshold(threshold: object) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise ValueError(f"threshold must be a number (inf for no decomposition), got {threshold!r}")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+
+
+def _outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The math of :func:`outlier_columns`: a column is an outlier if any of its values is."""
     return (x.abs() > threshold).any(dim=0)
 
 
@@ -218,6 +250,11 @@ def vectorwise_matmul(x: torch.Tensor, weight: torch.Tensor, *, simulate: bool =
             [1.7500]]))
     """
     x, weight = _check_matmul(x, weight)
+    return _vectorwise_matmul(x, weight, simulate)
+
+
+def _vectorwise_matmul(x: torch.Tensor, weight: torch.Tensor, simulate: bool) -> torch.Tensor:
+    """The math of :func:`vectorwise_matmul`: one symmetric int8 scale per row of ``x`` and of ``weight``."""
     spec, rows = INT8_SYMMETRIC, PerChannel(axis=0)
     x_scale, x_zero = calc_qparams(*minmax(x, rows), spec.qmin, spec.qmax, symmetric=True)  # (M, 1)
     w_scale, w_zero = calc_qparams(*minmax(weight, rows), spec.qmin, spec.qmax, symmetric=True)  # (N, 1)
@@ -253,12 +290,18 @@ def llm_int8_matmul(
             [-0.1000]]))
     """
     x, weight = _check_matmul(x, weight)
-    outliers = outlier_columns(x, threshold)  # (K,)
+    _check_threshold(threshold)
+    return _llm_int8_matmul(x, weight, threshold, simulate)
+
+
+def _llm_int8_matmul(x: torch.Tensor, weight: torch.Tensor, threshold: float, simulate: bool) -> torch.Tensor:
+    """The math of :func:`llm_int8_matmul`: outlier columns in float, the rest in vector-wise int8."""
+    outliers = _outlier_columns(x, threshold)  # (K,)
     out = x.new_zeros(x.shape[0], weight.shape[0])  # (M, N)
     if outliers.any():
         out += x[:, outliers] @ weight[:, outliers].T
     if not outliers.all():
-        out += vectorwise_matmul(x[:, ~outliers], weight[:, ~outliers], simulate=simulate)
+        out += _vectorwise_matmul(x[:, ~outliers], weight[:, ~outliers], simulate)
     return out
 
 
@@ -289,12 +332,27 @@ def smooth_scales(
     weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     if not weights:
         raise ValueError("weights is empty; pass the weight(s) (N, K) that read these activations")
-    for w in weights:
-        if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.shape[1] != act_absmax.shape[0]:
-            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-            raise ValueError(f"each weight must be (N, K) with K = {act_absmax.shape[0]}, got {got}")
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise TypeError(f"weights[{i}] must be a floating-point tensor (N, K), got {_describe(w)}")
+        if w.ndim != 2 or w.shape[1] != act_absmax.shape[0] or w.shape[0] == 0:
+            raise ValueError(
+                f"weights[{i}] must be (N, K) with N >= 1 and K = {act_absmax.shape[0]}, got {tuple(w.shape)}"
+            )
+        bad = ~torch.isfinite(w)
+        if bad.any():
+            row, col = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"weights[{i}] {tuple(w.shape)} has {int(bad.sum())} non-finite value(s), e.g. "
+                f"{w[row, col].item()} at [{row}, {col}]; SmoothQuant needs finite weights"
+            )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return _smooth_scales(act_absmax, weights, alpha)
+
+
+def _smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """The math of :func:`smooth_scales`: eq. 4 of SmoothQuant, one ``s_j`` per input channel."""
     w_absmax = torch.stack([w.detach().abs().amax(dim=0) for w in weights]).amax(dim=0).float()  # (K,)
     return act_absmax.float().clamp(min=1e-5) ** alpha / w_absmax.clamp(min=1e-5) ** (1 - alpha)
 
@@ -399,7 +457,7 @@ class LinearQuantConfig:
                 "weight_granularity=PerChannel(0) and activation=INT8_SYMMETRIC, got "
                 f"{self.weight}, {self.weight_granularity}, {self.activation}"
             )
-        outlier_columns(torch.zeros(1, 1), self.threshold)  # validates the threshold
+        _check_threshold(self.threshold)
         if self.threshold != math.inf and not self.dynamic:
             raise ValueError(f"threshold={self.threshold} (decomposition) needs dynamic=True (per-token)")
         alpha = self.smooth_alpha

@@ -52,7 +52,8 @@ def test_top1_counts_queries():
     ("ref", "test", "k", "error", "match"),
     [
         (torch.ones(4, 2), torch.ones(3, 2), 1, ValueError, "same shape"),
-        (torch.ones(4), torch.ones(4), 1, TypeError, "2-D floating-point"),
+        (torch.ones(4), torch.ones(4), 1, ValueError, r"2-D \(n, d\)"),
+        (torch.ones(4, 0), torch.ones(4, 0), 1, ValueError, "d >= 1"),
         (torch.ones(4, 2, dtype=torch.int64), torch.ones(4, 2), 1, TypeError, "2-D floating-point"),
         (torch.full((4, 2), float("nan")), torch.ones(4, 2), 1, ValueError, "NaN"),
         (torch.ones(4, 2), torch.ones(4, 2), 4, ValueError, r"k must be an int in \[1, n - 1\] = \[1, 3\]"),

@@ -311,7 +311,8 @@ def test_smoothquant_layers_need_statistics():
         (lambda: outlier_columns(torch.ones(1, 2), math.nan), ValueError, "threshold must be a number"),
         (lambda: outlier_columns(torch.ones(1, 2), "6"), ValueError, "threshold must be a number"),
         (lambda: outlier_channels(torch.tensor([1.0, -1.0])), ValueError, "non-negative"),
-        (lambda: outlier_channels(torch.ones(2, 2)), TypeError, "1-D floating-point"),
+        (lambda: outlier_channels(torch.ones(2, 2)), ValueError, "1-D tensor"),
+        (lambda: outlier_channels(torch.ones(2, dtype=torch.int32)), TypeError, "1-D floating-point"),
         (
             lambda: smooth_scales(torch.ones(3), torch.ones(2, 3), alpha=1.5),
             ValueError,
