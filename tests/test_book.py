@@ -108,3 +108,163 @@ def test_config_points_nowhere_invented() -> None:
     config = (ROOT / "_config.yml").read_text(encoding="utf-8")
     assert "github.com" not in config and "http" not in config, "_config.yml must point at no invented place"
     assert yaml.safe_load(config)["execute"]["execute_notebooks"] == "off"
+
+
+# --- Numbers in the prose come from the code -------------------------------------------------------------------
+
+#: A prose number worth checking: 4+ digits (thousands separators allowed) or with a decimal point.
+PROSE_NUMBER = re.compile(r"(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d{4,})(?![\w])")
+#: Any number in an output, with optional thousands separators, decimals and exponent.
+OUTPUT_NUMBER = re.compile(r"(?<![\w])\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+#: Markup whose digits are not prose: glue roles, citations, cross-references, labels, targets, links.
+NOT_PROSE = re.compile(
+    r"\{glue(?::\w+)?\}`[^`]*`|\{(?:cite|numref|ref|eq|doc)(?::\w+)?\}`[^`]*`|^\(.*\)=$|\]\([^)]*\)|<https?://[^>]*>"
+    r"|:label: .*$|:name: .*$"
+    # section, figure, table, equation and exercise numbers: "§5.2", "Figure 4.1", "Sections 6.2 and 6.3", "(9.4)"
+    r"|^#+\s*\d+(?:\.\d+)*|\(\d{1,2}\.\d{1,2}\)|\\tag\{[^}]*\}"
+    r"|(?:§|\b(?:[Ss]ections?|[Ff]igures?|Fig\.|[Tt]ables?|[Ee]qs?\.|[Ee]quations?|[Ee]xercises?|[Cc]hapters?"
+    r"|[Aa]ppendix|[Ss]teps?))\s*\(?\d+(?:\.\d+)*\)?(?:\s*(?:[–,-]|and|or|to)\s*\(?\d+(?:\.\d+)*\)?)*",
+    re.M,
+)
+
+#: Numbers the prose may state without an output: true constants and quotations, each with its reason.
+#: Keys are notebook names ("*" for every notebook); values map the number (as written) to the reason.
+PROSE_ALLOW: dict[str, dict[str, str]] = {
+    "*": {
+        "6.02": "20·log10(2) dB per bit, a mathematical constant",
+        "754": "IEEE 754, a standard's name",
+        "0.5": "half a quantization step: the rounding tie point",
+    },
+}
+
+
+def _prose_numbers(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for i, cell in enumerate(_cells(path)):
+        if cell["cell_type"] != "markdown":
+            continue
+        text = NOT_PROSE.sub(" ", "".join(cell["source"]))
+        found += [(i, m.group()) for m in PROSE_NUMBER.finditer(text)]
+    return found
+
+
+def _output_numbers(path: Path) -> list[str]:
+    numbers = []
+    for cell in _cells(path):
+        for out in cell.get("outputs", []):
+            texts = [out.get("text", "")] + [v for k, v in out.get("data", {}).items() if k.startswith("text/")]
+            for text in texts:
+                text = "".join(text) if isinstance(text, list) else text
+                numbers += [m.group().replace(",", "") for m in OUTPUT_NUMBER.finditer(text)]
+    return numbers
+
+
+def _backed(number: str, outputs: list[str]) -> bool:
+    """Whether an output shows ``number``: the same digits, or a longer decimal that rounds to it."""
+    plain = number.replace(",", "")
+    if plain in outputs:
+        return True
+    if "." not in plain:
+        return False
+    decimals = len(plain.split(".")[1])
+    for out in outputs:
+        try:
+            if "." in out and len(out.split(".")[1].split("e")[0].split("E")[0]) > decimals:
+                if f"{float(out):.{decimals}f}" == plain:
+                    return True
+        except ValueError:
+            continue
+    return False
+
+
+def _is_year(number: str) -> bool:
+    return re.fullmatch(r"(19[5-9]\d|20[0-3]\d)", number) is not None  # calendar years of cited work
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_prose_numbers_are_backed_by_outputs(path: Path) -> None:
+    outputs = _output_numbers(path)
+    allowed = {**PROSE_ALLOW["*"], **PROSE_ALLOW.get(path.name, {})}
+    missing = [
+        f"cell {i}: {number}"
+        for i, number in _prose_numbers(path)
+        if number not in allowed and not _is_year(number) and not _backed(number, outputs)
+    ]
+    assert not missing, (
+        f"{path.name}: numbers in the prose that no output of the notebook shows (glue them with myst_nb.glue "
+        f"and {{glue:text}}, print them, or add a true constant to PROSE_ALLOW): {missing}"
+    )
+
+
+def test_prose_number_check_catches_a_typed_number() -> None:
+    outputs = ["467", "1152", "537984", "0.93761"]
+    assert _backed("537,984", outputs) and _backed("0.9376", outputs)
+    assert not _backed("540,288", outputs) and not _backed("0.9377", outputs)
+    assert not PROSE_NUMBER.findall(NOT_PROSE.sub(" ", "## 4.2 Zero points\nsee §5.2, Figure 4.1, Sections 6.2 and 6.3, (9.4)"))
+    assert [n for _, n in [(0, m.group()) for m in PROSE_NUMBER.finditer("the 540,288 outputs, 8 bits, 2.5 times")]] == [
+        "540,288",
+        "2.5",
+    ]
+
+
+# --- Pages show the code that teaches ----------------------------------------------------------------------------
+
+FOLDED = {"hide-input", "remove-input", "remove-cell", "hide-cell"}
+PLOTTING = re.compile(r"\b(?:plt|ax|axs|axes|fig|ax\d)\.|\bplt\b|matplotlib|\bqplot\.|\bplot\.\w+\(")
+MAX_VISIBLE_CODE, MAX_VISIBLE_ASSERTS, MAX_VISIBLE_PLOTTING = 150, 10, 5
+
+
+def page_weight(path: Path) -> tuple[int, int, int]:
+    """Visible (not folded) lines of code, of ``assert`` and of plotting on a notebook's page."""
+    code = asserts = plotting = 0
+    for cell in _cells(path):
+        if cell["cell_type"] != "code" or FOLDED & set(cell.get("metadata", {}).get("tags", [])):
+            continue
+        for line in "".join(cell["source"]).splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            code += 1
+            asserts += line.startswith("assert")
+            plotting += PLOTTING.search(line) is not None
+    return code, asserts, plotting
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_page_shows_little_code(path: Path) -> None:
+    code, asserts, plotting = page_weight(path)
+    assert code <= MAX_VISIBLE_CODE, f"{path.name} shows {code} lines of code (at most {MAX_VISIBLE_CODE})"
+    assert asserts <= MAX_VISIBLE_ASSERTS, f"{path.name} shows {asserts} assert lines (at most {MAX_VISIBLE_ASSERTS})"
+    assert plotting <= MAX_VISIBLE_PLOTTING, (
+        f"{path.name} shows {plotting} lines of plotting code (at most {MAX_VISIBLE_PLOTTING}); fold them with "
+        "the hide-input tag"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_shown_sources_are_math_cores(path: Path) -> None:
+    """A chapter shows a qbook function's math core, not the argument checks of its public wrapper."""
+    for i, cell in enumerate(_cells(path)):
+        if cell["cell_type"] != "code" or "getsource" not in "".join(cell["source"]):
+            continue
+        for out in cell.get("outputs", []):
+            texts = [out.get("text", "")] + list(out.get("data", {}).values())
+            shown = "".join("".join(t) if isinstance(t, list) else str(t) for t in texts)
+            assert not re.search(r"raise (?:ValueError|TypeError)", shown), (
+                f"{path.name} cell {i} shows argument checks; show the function's math core instead"
+            )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_tolerances_and_ignored_outputs_are_declared_properly(path: Path) -> None:
+    from nbval_tolerance import cell_tolerance
+
+    for i, cell in enumerate(_cells(path)):
+        if cell["cell_type"] != "code":
+            continue
+        cell_tolerance(cell.get("metadata", {}))  # raises on a malformed declaration
+        source = "".join(cell["source"])
+        if "nbval-ignore-output" in cell.get("metadata", {}).get("tags", []) or "# NBVAL_IGNORE_OUTPUT" in source:
+            assert re.search(r"perf_counter|timeit|time\.time|benchmark|bench\.", source), (
+                f"{path.name} cell {i} ignores its output but times nothing; only timings may be ignored"
+            )
