@@ -1,4 +1,7 @@
-"""Project-wide pytest set-up: nbval compares numbers within the tolerance a cell declares (tests/nbval_tolerance.py)."""
+"""Project-wide pytest set-up: nbval compares numbers within a cell's declared tolerance.
+
+The plugin lives in tests/nbval_tolerance.py.
+"""
 
 import sys
 from pathlib import Path

@@ -2,13 +2,14 @@
 
 The book's notebooks are its tests (nbval re-runs each cell and compares the output with the committed one).
 Integer and bit-exact outputs must match character for character. A float printed from work whose rounding
-depends on the CPU (the order of a BLAS reduction, a norm, a model's forward pass) may differ in its last digits
-between an AVX-512 and an ARM machine, so such a cell opts in through its metadata::
+depends on the CPU (the order of a BLAS reduction, a norm, a model's forward pass) may differ in its last
+digits between an AVX-512 and an ARM machine, so such a cell opts in through its metadata::
 
     "metadata": {"qbook": {"rtol": 1e-4, "atol": 0.0}}
 
 Then the text between numbers must still match exactly, and each number ``t`` of the new output must satisfy
-``|t - r| <= atol + rtol * |r|`` against the committed number ``r``. Cells without the key are compared exactly.
+``|t - r| <= atol + rtol * |r|`` against the committed number ``r``. Cells without the key are compared
+exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ TEXT_MIME = ("text/plain", "text/markdown", "text/html", "text/latex")
 
 
 def split_numbers(text: str) -> tuple[list[str], list[float]]:
-    """``text`` as the pieces between numbers and the numbers themselves (``len(pieces) == len(numbers) + 1``)."""
+    """``text`` as the pieces between numbers and the numbers (``len(pieces) == len(numbers) + 1``)."""
     pieces, numbers, start = [], [], 0
     for match in NUMBER.finditer(text):
         pieces.append(text[start : match.start()])
