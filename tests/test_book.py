@@ -207,7 +207,7 @@ def test_prose_number_check_catches_a_typed_number() -> None:
     assert PROSE_NUMBER.findall("the 540,288 outputs, 8 bits, 2.5 times") == ["540,288", "2.5"]
 
 
-# --- Pages show the code that teaches ----------------------------------------------------------------------------
+# --- Pages show the code that teaches --------------------------------------------------------------------
 
 FOLDED = {"hide-input", "remove-input", "remove-cell", "hide-cell"}
 PLOTTING = re.compile(r"\b(?:plt|ax|axs|axes|fig|ax\d)\.|\bplt\b|matplotlib|\bqplot\.|\bplot\.\w+\(")
@@ -234,10 +234,11 @@ def page_weight(path: Path) -> tuple[int, int, int]:
 def test_page_shows_little_code(path: Path) -> None:
     code, asserts, plotting = page_weight(path)
     assert code <= MAX_VISIBLE_CODE, f"{path.name} shows {code} lines of code (at most {MAX_VISIBLE_CODE})"
-    assert asserts <= MAX_VISIBLE_ASSERTS, f"{path.name} shows {asserts} assert lines (at most {MAX_VISIBLE_ASSERTS})"
+    limit = MAX_VISIBLE_ASSERTS
+    assert asserts <= limit, f"{path.name} shows {asserts} assert lines (at most {limit})"
     assert plotting <= MAX_VISIBLE_PLOTTING, (
-        f"{path.name} shows {plotting} lines of plotting code (at most {MAX_VISIBLE_PLOTTING}); fold them with "
-        "the hide-input tag"
+        f"{path.name} shows {plotting} lines of plotting code (at most {MAX_VISIBLE_PLOTTING}); "
+        "fold them with the hide-input tag"
     )
 
 
@@ -264,7 +265,8 @@ def test_tolerances_and_ignored_outputs_are_declared_properly(path: Path) -> Non
             continue
         cell_tolerance(cell.get("metadata", {}))  # raises on a malformed declaration
         source = "".join(cell["source"])
-        if "nbval-ignore-output" in cell.get("metadata", {}).get("tags", []) or "# NBVAL_IGNORE_OUTPUT" in source:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "nbval-ignore-output" in tags or "# NBVAL_IGNORE_OUTPUT" in source:
             assert re.search(r"perf_counter|timeit|time\.time|benchmark|bench\.", source), (
                 f"{path.name} cell {i} ignores its output but times nothing; only timings may be ignored"
             )

@@ -1,4 +1,4 @@
-"""The nbval tolerance plugin: exact text between numbers, each number within the cell's declared tolerance."""
+"""The nbval tolerance plugin: exact text between numbers, each number within the declared tolerance."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def test_split_numbers_finds_python_numpy_and_torch_numbers() -> None:
     pieces, numbers = split_numbers("cos 0.9376, SQNR -12.5 dB, 1.5e-05, tensor([3, nan, -inf]) fp16")
     assert numbers[:4] == [0.9376, -12.5, 1.5e-05, 3.0]
     assert str(numbers[4]) == "nan" and numbers[5] == float("-inf") and len(numbers) == 6
-    assert pieces == ["cos ", ", SQNR ", " dB, ", ", tensor([", ", ", ", ", "]) fp16"]  # digits in names stay text
+    # digits inside names (fp16) stay text
+    assert pieces == ["cos ", ", SQNR ", " dB, ", ", tensor([", ", ", ", ", "]) fp16"]
 
 
 @pytest.mark.parametrize(
@@ -49,13 +50,20 @@ def test_close_is_symmetric_in_nan_and_strict_in_inf() -> None:
 
 @pytest.mark.parametrize(
     ("metadata", "expected"),
-    [({}, None), ({"qbook": {"rtol": 1e-4}}, (1e-4, 0.0)), ({"qbook": {"atol": 2e-6, "rtol": 0}}, (0.0, 2e-6))],
+    [
+        ({}, None),
+        ({"qbook": {"rtol": 1e-4}}, (1e-4, 0.0)),
+        ({"qbook": {"atol": 2e-6, "rtol": 0}}, (0.0, 2e-6)),
+    ],
 )
 def test_cell_tolerance_reads_the_metadata(metadata: dict, expected: tuple | None) -> None:
     assert cell_tolerance(metadata) == expected
 
 
-@pytest.mark.parametrize("spec", [{}, {"rtol": -1e-3}, {"rtol": "1e-3"}, {"rtol": 1.5}, {"tol": 1e-3}, [1e-3], {"atol": True}])
+BAD_SPECS = [{}, {"rtol": -1e-3}, {"rtol": "1e-3"}, {"rtol": 1.5}, {"tol": 1e-3}, [1e-3], {"atol": True}]
+
+
+@pytest.mark.parametrize("spec", BAD_SPECS)
 def test_cell_tolerance_rejects_bad_metadata(spec: object) -> None:
     with pytest.raises(ValueError, match="qbook"):
         cell_tolerance({"qbook": spec})
