@@ -21,11 +21,12 @@ export CUBLAS_WORKSPACE_CONFIG := :4096:8
 NOTEBOOKS := $(sort $(wildcard book/[0-9][0-9]_*.ipynb))
 STAMP     := $(VENV)/.qbook-installed
 
-.PHONY: help venv book test unit nbval notebooks notebook lint clean
+.PHONY: help venv book test test-portable unit nbval notebooks notebook lint clean
 
 help:
 	@echo "make book       build the book into _build/html (creates $(VENV) on first use)"
 	@echo "make test       run all tests: unit tests, doctests and nbval over every notebook"
+	@echo "make test-portable  nbval under other CPU kernel sets and thread counts (PORTABLE=\"default:1 avx2:2\")"
 	@echo "make notebooks  re-execute every notebook in place (NB=book/03_x.ipynb for one)"
 	@echo "make lint       ruff over the package, tests, benchmarks and notebooks"
 
@@ -46,6 +47,19 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile qbook tests book --nbval --nbval-current-env
+
+# The notebooks must reproduce on every reader's CPU, not only on the one that executed them: PyTorch picks its
+# kernels by CPU capability (ATEN_CPU_CAPABILITY: default ~ generic/ARM-like, avx2, avx512) and splits work by
+# thread count. Each variant CAPABILITY:THREADS re-runs nbval over every notebook under those settings.
+PORTABLE ?= default:1 default:2 avx2:1 avx2:2
+
+test-portable: $(STAMP)
+	@set -e; for variant in $(PORTABLE); do \
+	    cap=$${variant%%:*}; threads=$${variant##*:}; \
+	    echo "== nbval with ATEN_CPU_CAPABILITY=$$cap, $$threads torch thread(s) =="; \
+	    ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads MKL_NUM_THREADS=$$threads \
+	        $(PY) -m pytest -q -n 2 --dist loadfile book --nbval --nbval-current-env; \
+	done
 
 unit: $(STAMP)
 	$(PY) -m pytest -n 2 qbook tests
