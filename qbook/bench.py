@@ -159,7 +159,7 @@ def _quiet(fn: Callable[..., object], *args: object) -> object:
 # --- The rows -----------------------------------------------------------------------------------------------
 
 
-def _affine_rows(n: int) -> list[Row]:
+def _affine_rows(n: int, torchao: bool = True) -> list[Row]:
     import qbook
 
     g = torch.Generator().manual_seed(0)
@@ -259,6 +259,8 @@ def _affine_rows(n: int) -> list[Row]:
             "affine",
         )
     )
+    if not torchao:
+        return rows
     try:
         from torchao.quantization.quant_primitives import (
             MappingType,
@@ -528,9 +530,12 @@ def _observer_rows(n: int) -> list[Row]:
     return rows
 
 
-def cpu_rows(n: int = 1 << 20, groups: Iterable[str] | None = None) -> list[Row]:
-    """Every CPU comparison of issue 9's table, on ``n``-element inputs; ``groups`` picks some of them."""
-    rows = _affine_rows(n) + _format_rows(n) + _matmul_rows() + _packing_rows(n) + _observer_rows(n)
+def cpu_rows(n: int = 1 << 20, groups: Iterable[str] | None = None, *, torchao: bool = True) -> list[Row]:
+    """Every CPU comparison of issue 9's table, on ``n``-element inputs; ``groups`` picks some of them, and
+    ``torchao=False`` leaves out the torchao peers (torchao is optional and slow to import)."""
+    if n < 1024 or n % 1024:
+        raise ValueError(f"n must be a positive multiple of 1024, got {n!r}")
+    rows = _affine_rows(n, torchao) + _format_rows(n) + _matmul_rows() + _packing_rows(n) + _observer_rows(n)
     if groups is not None:
         wanted = set(groups)
         rows = [r for r in rows if r.group in wanted]
