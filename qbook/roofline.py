@@ -138,7 +138,12 @@ def matmul_flops(M: int, N: int, K: int) -> int:
     >>> matmul_flops(1, 4096, 4096)  # one token through a 4096 x 4096 linear layer
     33554432
     """
-    return 2 * _positive_int("M", M) * _positive_int("N", N) * _positive_int("K", K)
+    return _matmul_flops(_positive_int("M", M), _positive_int("N", N), _positive_int("K", K))
+
+
+def _matmul_flops(M: int, N: int, K: int) -> int:
+    """``2MNK`` without argument checks: ``M * N`` outputs of ``K`` multiply-accumulates, 2 operations each."""
+    return 2 * M * N * K
 
 
 def matmul_bytes(M: int, N: int, K: int, a_bits: float, b_bits: float, out_bits: float) -> int:
@@ -155,10 +160,15 @@ def matmul_bytes(M: int, N: int, K: int, a_bits: float, b_bits: float, out_bits:
     8404992
     """
     M, N, K = _positive_int("M", M), _positive_int("N", N), _positive_int("K", K)
-    bits = {name: Fraction(_positive(name, b)) for name, b in
-            (("a_bits", a_bits), ("b_bits", b_bits), ("out_bits", out_bits))}
-    return sum(math.ceil(n * bits[name] / 8) for n, name in
-               ((M * K, "a_bits"), (K * N, "b_bits"), (M * N, "out_bits")))
+    a_bits, b_bits, out_bits = (_positive(name, b) for name, b in
+                                (("a_bits", a_bits), ("b_bits", b_bits), ("out_bits", out_bits)))
+    return _matmul_bytes(M, N, K, a_bits, b_bits, out_bits)
+
+
+def _matmul_bytes(M: int, N: int, K: int, a_bits: float, b_bits: float, out_bits: float) -> int:
+    """Compulsory traffic of ``C = A @ B`` without argument checks, exact (bits as fractions)."""
+    return sum(math.ceil(n * Fraction(bits) / 8) for n, bits in
+               ((M * K, a_bits), (K * N, b_bits), (M * N, out_bits)))
 
 
 def attainable(device: Device, intensity: float, dtype: str) -> float:
@@ -169,7 +179,12 @@ def attainable(device: Device, intensity: float, dtype: str) -> float:
     >>> attainable(H100_SXM, 1000.0, "fp16") / TERA  # a large GEMM hits the compute roof
     989.4
     """
-    return min(device.peak_ops(dtype), _positive("intensity", intensity) * device.bandwidth)
+    return _attainable(device, _positive("intensity", intensity), dtype)
+
+
+def _attainable(device: Device, intensity: float, dtype: str) -> float:
+    """(1.4) without argument checks: the lower of the compute roof and the memory roof."""
+    return min(device.peak_ops(dtype), intensity * device.bandwidth)
 
 
 def ridge_point(device: Device, dtype: str) -> float:
@@ -190,4 +205,9 @@ def decode_time(weight_bytes: float, device: Device) -> float:
     >>> round(decode_time(26 * GIGA, H100_SXM) * 1e3, 2)  # 13B parameters at fp16, in ms
     7.76
     """
-    return _positive("weight_bytes", weight_bytes) / device.bandwidth
+    return _decode_time(_positive("weight_bytes", weight_bytes), device)
+
+
+def _decode_time(weight_bytes: float, device: Device) -> float:
+    """(1.6) without argument checks: every weight byte crosses the memory bus once per token."""
+    return weight_bytes / device.bandwidth
