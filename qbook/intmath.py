@@ -33,7 +33,7 @@ tensor([[ 2,  3],
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -94,15 +94,26 @@ def _check_int32_values(x: torch.Tensor, name: str) -> None:
 
 def _int64(x: object, name: str, device: torch.device | None = None) -> torch.Tensor:
     """An int or integer tensor holding int32 values, as an int64 tensor."""
-    if isinstance(x, bool) or not isinstance(x, (int, torch.Tensor)):
+    if isinstance(x, bool) or not isinstance(x, (Integral, torch.Tensor)):
         raise TypeError(f"{name} must be an int or an integer tensor, got {x!r}")
-    if isinstance(x, int):
+    if not isinstance(x, torch.Tensor):
+        x = int(x)  # a Python or NumPy integer
         if not INT32_MIN <= x <= INT32_MAX:
             raise ValueError(f"{name} must be an int32 value in [{INT32_MIN}, {INT32_MAX}], got {x}")
         return torch.tensor(x, dtype=torch.int64, device=device)
     _check_integer_tensor(x, name)
     _check_int32_values(x, name)
     return x.to(device=device if device is not None else x.device, dtype=torch.int64)
+
+
+def _broadcast(what: str, **tensors: object) -> torch.Size:
+    """The broadcast shape of the named operands, or a ValueError that names every shape."""
+    shapes = {name: tuple(x.shape) if isinstance(x, torch.Tensor) else () for name, x in tensors.items()}
+    try:
+        return torch.broadcast_shapes(*shapes.values())
+    except RuntimeError:
+        listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"{what}: the shapes do not broadcast: {listed}") from None
 
 
 def _check_in(x: torch.Tensor, lo: int, hi: int, name: str, what: str) -> None:
@@ -426,6 +437,9 @@ def accumulate_steps(
     _check_bits(acc_bits, "acc_bits", 2, 32)
     if mode not in ("wrap", "saturate"):
         raise ValueError(f"mode must be 'wrap' or 'saturate', got {mode!r}")
+    _broadcast("accumulate: a and b must broadcast to (..., K)", a=a, b=b)
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
     products = a.to(torch.int64) * b.to(torch.int64)  # (..., K)
     if products.ndim == 0 or products.shape[-1] == 0:
         raise ValueError(f"a and b must broadcast to (..., K) with K >= 1, got shape {tuple(products.shape)}")
@@ -549,6 +563,7 @@ def saturating_rounding_doubling_high_mul(a: IntLike, b: IntLike) -> torch.Tenso
     2147483647
     """
     device = a.device if isinstance(a, torch.Tensor) else b.device if isinstance(b, torch.Tensor) else None
+    _broadcast("saturating_rounding_doubling_high_mul", a=a, b=b)
     return _srdhm(_int64(a, "a", device), _int64(b, "b", device)).to(torch.int32)
 
 
@@ -563,6 +578,7 @@ def rounding_divide_by_pot(x: IntLike, exponent: IntLike) -> torch.Tensor:
     [1, 2, -1, -2, 2]
     """
     device = x.device if isinstance(x, torch.Tensor) else None
+    _broadcast("rounding_divide_by_pot", x=x, exponent=exponent)
     x64 = _int64(x, "x", device)
     e64 = _int64(exponent, "exponent", x64.device)
     _check_in(e64, 0, 31, "exponent", "a right shift")
@@ -579,6 +595,7 @@ def _mbqm(acc: object, multiplier: IntLike, shift: IntLike, rounding: Rounding =
         raise TypeError(f"acc must be an integer tensor, got {type(acc).__name__}")
     if rounding not in ("double", "single"):
         raise ValueError(f"rounding must be 'double' or 'single', got {rounding!r}")
+    _broadcast("multiply_by_quantized_multiplier", acc=acc, multiplier=multiplier, shift=shift)
     x = _int64(acc, "acc")
     m = _int64(multiplier, "multiplier", x.device)
     s = _int64(shift, "shift", x.device)
@@ -671,6 +688,7 @@ def requantize(
     tensor([-128,  -10,   40,  127], dtype=torch.int8)
     """
     qmin, qmax = _check_qrange(qmin, qmax)
+    _broadcast("requantize", acc=acc, multiplier=multiplier, shift=shift, out_zero_point=out_zero_point)
     y = _mbqm(acc, multiplier, shift, rounding)  # int64 holding int32 values
     zo = _int64(out_zero_point, "out_zero_point", y.device)
     _check_in(zo, qmin, qmax, "out_zero_point", "an output integer")
@@ -691,6 +709,7 @@ def requantize_float(
     """
     qmin, qmax = _check_qrange(qmin, qmax)
     x = _int64(_check_integer_tensor(acc, "acc"), "acc")
+    _broadcast("requantize_float", acc=acc, m=m, out_zero_point=out_zero_point)
     scale = _positive_scale(m, "m", x.device).to(torch.float32)
     zo = _int64(out_zero_point, "out_zero_point", x.device)
     _check_in(zo, qmin, qmax, "out_zero_point", "an output integer")
@@ -733,7 +752,8 @@ def quantize_bias(
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
         raise TypeError(f"bias must be a floating-point tensor, got {bias!r}")
     if not bool(torch.isfinite(bias).all()):
-        raise ValueError("bias must be finite, got NaN or inf")
+        raise ValueError(f"bias must be finite, got {bias[~torch.isfinite(bias)].flatten()[0].item()}")
+    _broadcast("quantize_bias", bias=bias, a_scale=a_scale, w_scale=w_scale)
     scale = _acc_scale(a_scale, w_scale, bias.device)
     q = torch.round(bias.double() / scale)
     if q.numel() and (float(q.min()) < INT32_MIN or float(q.max()) > INT32_MAX):
@@ -756,5 +776,6 @@ def dequantize_acc(
     tensor([[ 0.5000, -0.0100]])
     """
     x = _check_integer_tensor(acc, "acc")
+    _broadcast("dequantize_acc", acc=acc, a_scale=a_scale, w_scale=w_scale)
     scale = _acc_scale(a_scale, w_scale, x.device).float()
     return x.to(torch.float32) * scale

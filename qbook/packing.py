@@ -73,6 +73,8 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
     ((-8, 7), (0, 15), (-4, 3))
     """
     _check_bits(bits)
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {signed!r}")
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
@@ -130,24 +132,29 @@ def pack(q: torch.Tensor, bits: int, *, signed: bool | None = None) -> torch.Ten
     length = q.shape[-1]
     fields = q.to(torch.int64) & (2**bits - 1)  # two's complement in the low `bits` bits
     fields = torch.nn.functional.pad(fields, (0, -length % per_block))
-    fields = fields.reshape(*q.shape[:-1], -1, per_block)  # (..., blocks, codes per block)
+    n_blocks = -(-length // per_block)
+    fields = fields.reshape(*q.shape[:-1], n_blocks, per_block)  # (..., blocks, codes per block)
     shifts = torch.arange(per_block, device=q.device) * bits
     stream = (fields << shifts).sum(dim=-1, keepdim=True)  # (..., blocks, 1): disjoint fields, sum == or
     byte_shifts = torch.arange(bytes_per_block, device=q.device) * 8
     packed = ((stream >> byte_shifts) & 0xFF).to(torch.uint8)  # (..., blocks, bytes per block)
-    packed = packed.reshape(*q.shape[:-1], -1)  # (..., bytes in whole blocks)
+    packed = packed.flatten(-2)  # (..., bytes in whole blocks)
     return packed[..., : packed_length(length, bits)].contiguous()  # (..., ceil(L * bits / 8))
 
 
 def _check_codes(q: torch.Tensor, bits: int, signed: bool) -> None:
-    qmin, qmax = code_range(bits, signed)
-    outside = (q < qmin) | (q > qmax)
-    if not outside.any():
+    """Every code in :func:`code_range`, compared as integers (a bound like 255 never wraps to q's dtype)."""
+    if q.numel() == 0:
         return
-    index = tuple(int(i) for i in outside.nonzero()[0])
+    qmin, qmax = code_range(bits, signed)
+    low, high = (int(v) for v in torch.aminmax(q))
+    if qmin <= low and high <= qmax:
+        return
+    wide = q.to(torch.int64)
+    index = tuple(int(i) for i in ((wide < qmin) | (wide > qmax)).nonzero()[0])
     kind = "signed" if signed else "unsigned"
     other_min, other_max = code_range(bits, not signed)
-    fits_other = bool(other_min <= q.min()) and bool(q.max() <= other_max)
+    fits_other = other_min <= low and high <= other_max
     hint = f"; pass signed={not signed} for {'un' * signed}signed codes" if fits_other else ""
     raise ValueError(
         f"code {q[index].item()} at index {index} is outside [{qmin}, {qmax}], the range of {kind} "
@@ -186,12 +193,13 @@ def unpack(packed: torch.Tensor, bits: int, length: int, *, signed: bool) -> tor
         )
     per_block, bytes_per_block = _block(bits)
     data = torch.nn.functional.pad(packed.to(torch.int64), (0, -n_bytes % bytes_per_block))
-    data = data.reshape(*packed.shape[:-1], -1, bytes_per_block)  # (..., blocks, bytes per block)
+    n_blocks = -(-n_bytes // bytes_per_block)
+    data = data.reshape(*packed.shape[:-1], n_blocks, bytes_per_block)  # (..., blocks, bytes per block)
     byte_shifts = torch.arange(bytes_per_block, device=packed.device) * 8
     stream = (data << byte_shifts).sum(dim=-1, keepdim=True)  # (..., blocks, 1)
     shifts = torch.arange(per_block, device=packed.device) * bits
     fields = (stream >> shifts) & (2**bits - 1)  # (..., blocks, codes per block)
-    fields = fields.reshape(*packed.shape[:-1], -1)  # (..., codes in whole blocks)
+    fields = fields.flatten(-2)  # (..., codes in whole blocks)
     if fields[..., length:].any():
         raise ValueError(
             f"the stream bits after code {length} are not zero: packed holds more than {length} codes "

@@ -662,3 +662,58 @@ def test_bias_and_dequantize_bad_input() -> None:
         dequantize_acc(torch.tensor([1.0]), 0.1, 0.1)
     with pytest.raises(TypeError):
         dequantize_acc(torch.tensor([1]), "0.1", 0.1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Regression tests (issue 8, section 5): shape mismatches name the shapes, never a raw RuntimeError
+# --------------------------------------------------------------------------------------------------------
+
+
+def _z(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda: multiply_by_quantized_multiplier(_z(3, 4), torch.full((3,), 2**30), 0),
+         r"acc \(3, 4\), multiplier \(3,\), shift \(\)"),
+        (lambda: multiply_by_quantized_multiplier(_z(3), 2**30, _z(5)), r"shift \(5,\)"),
+        (lambda: requantize(_z(2, 4), 2**30, 0, _z(3)), r"out_zero_point \(3,\)"),
+        (lambda: quantize_bias(torch.zeros(3), 0.1, torch.ones(4)),
+         r"bias \(3,\), a_scale \(\), w_scale \(4,\)"),
+        (lambda: quantize_bias(torch.zeros(3), torch.ones(2), torch.ones(3)), r"a_scale \(2,\)"),
+        (lambda: accumulate(_z(3, dtype=torch.int8), _z(4, dtype=torch.int8)), r"a \(3,\), b \(4,\)"),
+        (lambda: accumulate_steps(_z(3, 2, dtype=torch.int8), _z(4, 2, dtype=torch.int8)),
+         r"a \(3, 2\), b \(4, 2\)"),
+        (lambda: dequantize_acc(_z(2, 4), 0.1, torch.ones(3)), r"acc \(2, 4\)"),
+        (lambda: requantize_float(_z(2, 4), torch.ones(3), 0), r"m \(3,\)"),
+        (lambda: saturating_rounding_doubling_high_mul(_z(3), _z(4)), r"a \(3,\), b \(4,\)"),
+        (lambda: rounding_divide_by_pot(_z(3), _z(4)), r"x \(3,\), exponent \(4,\)"),
+        (lambda: int_matmul(_z(2, 3, dtype=torch.int8), _z(3, 4, dtype=torch.int8), _z(3)),
+         r"got shape \(3,\)"),
+        (lambda: int_matmul(_z(2, 3, dtype=torch.int8), _z(4, 4, dtype=torch.int8)), r"\(2, 3\).*\(4, 4\)"),
+        (lambda: zero_point_terms(_z(2, 3, dtype=torch.int8), _z(3, 4, dtype=torch.int8), 0, _z(3)),
+         r"got shape \(3,\)"),
+    ],
+)  # fmt: skip
+def test_shape_mismatch_is_a_value_error_naming_the_shapes(call: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        call()  # type: ignore[operator]
+
+
+def test_dtype_mismatch_is_a_type_error() -> None:
+    acc = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(TypeError, match="multiplier"):
+        multiply_by_quantized_multiplier(acc, torch.tensor([0.5]), 0)
+    with pytest.raises(TypeError, match="a must be an integer"):
+        accumulate(torch.zeros(3), torch.zeros(3, dtype=torch.int8))
+    with pytest.raises(TypeError, match="uint16"):
+        int_matmul(torch.zeros(2, 3, dtype=torch.uint16), torch.zeros(3, 4, dtype=torch.int8))
+
+
+def test_numpy_integers_are_integers() -> None:
+    a = torch.tensor([[1, 2]], dtype=torch.int8)
+    b = torch.tensor([[3], [4]], dtype=torch.int8)
+    assert int_matmul(a, b, np.int64(1), np.int32(-1)).item() == (1 - 1) * (3 + 1) + (2 - 1) * (4 + 1)
+    assert multiply_by_quantized_multiplier(torch.tensor([1000]), np.int64(2**30), np.int8(0)).item() == 500

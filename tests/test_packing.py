@@ -361,3 +361,38 @@ def test_code_range() -> None:
     assert [code_range(b, False) for b in (1, 2, 3, 4, 8)] == [(0, 1), (0, 3), (0, 7), (0, 15), (0, 255)]
     with pytest.raises(ValueError):
         code_range(9, True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Regression tests (issue 8, section 5)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_range_check_compares_integers_without_wrapping_to_the_dtype() -> None:
+    """255 must not become int8's -1 before comparing: int8 codes 0..127 are valid unsigned 8-bit codes."""
+    q = torch.tensor([5, 100, 0, 127], dtype=torch.int8)
+    assert pack(q, 8, signed=False).tolist() == [5, 100, 0, 127]
+    with pytest.raises(ValueError, match="code -5 at index"):
+        pack(torch.tensor([-5, 100], dtype=torch.int8), 8, signed=False)
+    assert pack(torch.tensor([255, 0], dtype=torch.int16), 8, signed=False).tolist() == [255, 0]
+    assert pack(torch.tensor([15, 7], dtype=torch.int8), 4, signed=False).tolist() == [0x7F]
+    with pytest.raises(ValueError, match="code 16"):
+        pack(torch.tensor([16, 0], dtype=torch.int8), 4, signed=False)
+    with pytest.raises(ValueError, match="code 128"):
+        pack(torch.tensor([128, 0], dtype=torch.uint8), 8, signed=True)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_empty_leading_dimension(bits: int) -> None:
+    q = torch.zeros(0, 5, dtype=torch.int8)
+    packed = pack(q, bits)
+    assert packed.shape == (0, packed_length(5, bits)) and packed.dtype == torch.uint8
+    codes = unpack(packed, bits, 5, signed=True)
+    assert codes.shape == (0, 5) and codes.dtype == torch.int8
+    assert pack(torch.zeros(2, 0, 3, dtype=torch.uint8), bits).shape == (2, 0, packed_length(3, bits))
+    assert unpack(torch.zeros(3, 0, dtype=torch.uint8), bits, 0, signed=False).shape == (3, 0)
+
+
+def test_code_range_needs_a_bool() -> None:
+    with pytest.raises(TypeError, match="signed"):
+        code_range(4, torch.tensor([]))  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ The Triton kernel runs on CUDA tensors, or on the CPU in Triton's interpreter wh
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 
@@ -73,9 +74,15 @@ def _check_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _as_vector(value: object, name: str, length: int, axis: int, device: torch.device) -> torch.Tensor:
-    """A scale or bias as a float32 vector of 1 or ``length`` entries; ``axis`` 0 accepts (length, 1) too."""
+    """A scale or bias as a float32 vector of 1 or ``length`` entries; ``axis`` 0 accepts (length, 1) too.
+
+    Scales must be finite and > 0 in float32 (a zero scale maps every output to 0, so it is refused, as NaN,
+    inf and negative scales are); a bias must be finite in float32.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor([float(value)], dtype=torch.float32, device=device)
+        vector = torch.tensor([float(value)], dtype=torch.float32, device=device)
+        _check_values(vector, name, value)
+        return vector
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
@@ -85,7 +92,26 @@ def _as_vector(value: object, name: str, length: int, axis: int, device: torch.d
     allowed = [(), (1,), (length,), (length, 1) if axis == 0 else (1, length)]
     if tuple(value.shape) not in allowed:
         raise ValueError(f"{name} must have shape in {allowed}, got {tuple(value.shape)}")
-    return value.reshape(-1).to(torch.float32).contiguous()
+    vector = value.reshape(-1).to(torch.float32).contiguous()
+    _check_values(vector, name, value)
+    return vector
+
+
+def _check_values(vector: torch.Tensor, name: str, given: object) -> None:
+    """Scales finite and > 0, a bias finite, both after the cast to float32 that the kernel computes in."""
+    low, high = (float(v) for v in torch.aminmax(vector))  # NaN propagates into both
+    is_scale = name != "bias"
+    if (low > 0 or not is_scale) and -math.inf < low and high < math.inf:
+        return
+    good = torch.isfinite(vector) & (vector > 0) if is_scale else torch.isfinite(vector)
+    index = int((~good).nonzero()[0, 0])
+    original = float(given) if not isinstance(given, torch.Tensor) else given.reshape(-1)[index].item()
+    cast = vector[index].item()
+    what = "finite and > 0" if is_scale else "finite"
+    raise ValueError(
+        f"{name} must be {what} in float32, got {original!r} at index {index}"
+        + (f" (float32: {cast!r})" if repr(cast) != repr(original) else "")
+    )
 
 
 def _make_epilogue(
@@ -189,6 +215,9 @@ def int8_matmul(
       ``out_dtype`` (float32 by default; float16 and bfloat16 round to nearest even);
     - also ``out_scale`` (and ``out_zero_point``): the int8
       ``clamp(round_half_even(y / out_scale) + out_zero_point, -128, 127)`` of that ``y`` (10.3).
+
+    Scales must be finite and > 0 after the cast to float32 and a bias finite: NaN, inf, negative and zero
+    scales raise ``ValueError`` (a zero scale would silently map every output to the bias).
 
     ``backend="triton"`` runs the Triton kernel with the epilogue fused (CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``); ``"torch"`` runs ``torch._int_mm`` (cuBLASLt) where it accepts the shape and an
