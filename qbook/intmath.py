@@ -2,13 +2,15 @@
 
 This is the run-time integer path: integer tensors in, integer tensors out, no floating point. (The offline
 helpers that *choose* integers from floats — :func:`quantize_multiplier`, :func:`quantize_bias` — and the
-float epilogues :func:`dequantize_acc` / :func:`requantize_float` are marked as such.)
+float epilogues :func:`dequantize_acc` / :func:`requantize_float` are marked as such.) Each public function
+checks its arguments and calls a small math core (``_mbqm``, ``_quantize_bias``, ...) that the chapters show.
 
 Chapter 4 — the quantized matmul. With ``x ≈ scale * (q - zero_point)`` for activations ``a`` (M, K) and
 weights ``b`` (K, N),
 
 * (4.2) symmetric: ``Y ≈ sa * sb * sum_k qa_ik qb_kj`` — one float multiply after the integer accumulation;
-* (4.3) asymmetric: ``Y ≈ sa * sb * acc``, ``acc_ij = sum_k (qa_ik - za)(qb_kj - zb)`` (:func:`int_matmul`);
+* (4.3) asymmetric: ``Y ≈ sa * sb * acc``, ``acc_ij = sum_k (qa_ik - za)(qb_kj - zb)`` (:func:`int_matmul`;
+  :func:`int_matmul_reference` is the int64 version the book reads, :func:`int_matmul` the fast one);
 * (4.4) ``acc_ij = sum_k qa_ik qb_kj - zb sum_k qa_ik - za sum_k qb_kj + K za zb`` (:func:`zero_point_terms`).
 
 Chapter 9 — overflow and requantization.
@@ -135,7 +137,11 @@ def _to_int32(acc: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _absmax(x: torch.Tensor) -> int:
-    return int(x.abs().max()) if x.numel() else 0
+    """``max |x|`` as a Python int (no ``abs`` in the tensor's dtype, where ``|-128|`` wraps in int8)."""
+    if x.numel() == 0:
+        return 0
+    low, high = torch.aminmax(x)
+    return max(-int(low), int(high))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -243,6 +249,28 @@ def int_matmul(
     return _to_int32(acc, f"int_matmul (M, K, N) = ({M}, {K}, {N})").to(a.device)
 
 
+def int_matmul_reference(
+    a: torch.Tensor, b: torch.Tensor, a_zero_point: IntLike = 0, b_zero_point: IntLike = 0
+) -> torch.Tensor:
+    """(4.3) as the book writes it: subtract the zero points, multiply, sum over k — all in int64.
+
+    The teaching version of :func:`int_matmul`, without its argument checks: ``a`` (M, K) and ``b`` (K, N)
+    integer tensors, ``a_zero_point`` an int or (M, 1), ``b_zero_point`` an int or (1, N). The int64 result
+    (M, N) is exact while ``K * max|a - za| * max|b - zb| < 2^63``; :func:`int_matmul` returns the same
+    values as int32 (a test checks it bit for bit), faster, and refuses results that do not fit int32.
+
+    >>> import torch
+    >>> a = torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8)
+    >>> b = torch.tensor([[5, 6], [7, 8]], dtype=torch.uint8)
+    >>> int_matmul_reference(a, b, a_zero_point=1, b_zero_point=5)
+    tensor([[ 2,  3],
+            [ 6, 11]])
+    """
+    a_centered = a.to(torch.int64) - a_zero_point  # (M, K): a_ik - za
+    b_centered = b.to(torch.int64) - b_zero_point  # (K, N): b_kj - zb
+    return a_centered @ b_centered  # (M, N): sum_k (a_ik - za)(b_kj - zb)
+
+
 class ZeroPointTerms(NamedTuple):
     """The four terms of (4.4) ``acc = ab - zb * a_row_sums - za * b_col_sums + K * za * zb``.
 
@@ -296,21 +324,29 @@ def zero_point_terms(
     M, K, N = _check_matmul(a, b)
     za = _zero_point(a_zero_point, M, "a")  # () or (M, 1)
     zb = _zero_point(b_zero_point, N, "b")  # () or (1, N)
-    a64 = a.cpu().to(torch.int64)  # (M, K)
-    b64 = b.cpu().to(torch.int64)  # (K, N)
+    a64, b64 = a.cpu(), b.cpu()
     amax, bmax, zamax, zbmax = _absmax(a64), _absmax(b64), _absmax(za), _absmax(zb)
     bound = K * (amax * bmax + zbmax * amax + zamax * bmax + zamax * zbmax)
     if bound >= 2**63:
         raise OverflowError(
             f"zero_point_terms: the terms of (4.4) may reach {bound}, beyond int64; use int_matmul"
         )
+    return _zero_point_terms(a64, b64, za, zb)
+
+
+def _zero_point_terms(
+    a: torch.Tensor, b: torch.Tensor, a_zero_point: torch.Tensor, b_zero_point: torch.Tensor
+) -> ZeroPointTerms:
+    """The four terms of (4.4) in int64: the raw matmul, the row sums of ``a``, the column sums of ``b``."""
+    a64 = a.to(torch.int64)  # (M, K)
+    b64 = b.to(torch.int64)  # (K, N)
     return ZeroPointTerms(
-        ab=a64 @ b64,
-        a_row_sums=a64.sum(dim=1, keepdim=True),
-        b_col_sums=b64.sum(dim=0, keepdim=True),
-        a_zero_point=za,
-        b_zero_point=zb,
-        k=K,
+        ab=a64 @ b64,  # (M, N): run time, the int8 matmul
+        a_row_sums=a64.sum(dim=1, keepdim=True),  # (M, 1): run time, O(MK)
+        b_col_sums=b64.sum(dim=0, keepdim=True),  # (1, N): offline, the weights only
+        a_zero_point=a_zero_point,
+        b_zero_point=b_zero_point,
+        k=a.shape[1],
     )
 
 
@@ -340,10 +376,15 @@ def _check_bits(bits: object, name: str, lo: int, hi: int) -> int:
     return bits
 
 
-def _product_range(a_bits: int, b_bits: int, signed: bool) -> tuple[int, int]:
-    """Smallest and largest product of an ``a_bits`` and a ``b_bits`` integer (both signed or unsigned)."""
+def _check_operand_bits(a_bits: object, b_bits: object, signed: object) -> None:
     _check_bits(a_bits, "a_bits", 2, 32)
     _check_bits(b_bits, "b_bits", 2, 32)
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {signed!r}")
+
+
+def _product_range(a_bits: int, b_bits: int, signed: bool) -> tuple[int, int]:
+    """Smallest and largest product of an ``a_bits`` and a ``b_bits`` integer (both signed or unsigned)."""
     ranges = [(-(2 ** (n - 1)), 2 ** (n - 1) - 1) if signed else (0, 2**n - 1) for n in (a_bits, b_bits)]
     corners = [x * y for x in ranges[0] for y in ranges[1]]
     return min(corners), max(corners)
@@ -366,6 +407,7 @@ def product_bits(a_bits: int = 8, b_bits: int = 8, *, signed: bool = True) -> in
     >>> product_bits(8, 8), product_bits(4, 4), product_bits(8, 8, signed=False)
     (16, 8, 17)
     """
+    _check_operand_bits(a_bits, b_bits, signed)
     return _signed_bits(*_product_range(a_bits, b_bits, signed))
 
 
@@ -379,6 +421,7 @@ def accumulator_bits(a_bits: int, b_bits: int, k: int, *, signed: bool = True) -
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (the number of accumulated products) must be a positive int, got {k!r}")
+    _check_operand_bits(a_bits, b_bits, signed)
     lo, hi = _product_range(a_bits, b_bits, signed)
     return _signed_bits(k * lo, k * hi)
 
@@ -393,13 +436,19 @@ def max_safe_k(a_bits: int = 8, b_bits: int = 8, acc_bits: int = 32, *, signed: 
     >>> max_safe_k(8, 8, 32), max_safe_k(8, 8, 16), max_safe_k(4, 8, 16)
     (131071, 1, 31)
     """
+    _check_operand_bits(a_bits, b_bits, signed)
     _check_bits(acc_bits, "acc_bits", 2, 64)
-    lo, hi = _product_range(a_bits, b_bits, signed)
+    return _max_safe_k(a_bits, b_bits, acc_bits, signed)
+
+
+def _max_safe_k(a_bits: int, b_bits: int, acc_bits: int, signed: bool) -> int:
+    """(9.2): how many of the largest (and of the most negative) products the accumulator holds."""
+    lo, hi = _product_range(a_bits, b_bits, signed)  # e.g. [-16256, 16384] for int8 x int8
     limits = []
     if hi > 0:
-        limits.append((2 ** (acc_bits - 1) - 1) // hi)
+        limits.append((2 ** (acc_bits - 1) - 1) // hi)  # K * hi <= 2^(acc_bits-1) - 1
     if lo < 0:
-        limits.append(2 ** (acc_bits - 1) // -lo)
+        limits.append(2 ** (acc_bits - 1) // -lo)  # K * lo >= -2^(acc_bits-1)
     return min(limits)
 
 
@@ -437,16 +486,21 @@ def accumulate_steps(
     _check_bits(acc_bits, "acc_bits", 2, 32)
     if mode not in ("wrap", "saturate"):
         raise ValueError(f"mode must be 'wrap' or 'saturate', got {mode!r}")
-    _broadcast("accumulate: a and b must broadcast to (..., K)", a=a, b=b)
     if a.device != b.device:
         raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
-    products = a.to(torch.int64) * b.to(torch.int64)  # (..., K)
-    if products.ndim == 0 or products.shape[-1] == 0:
-        raise ValueError(f"a and b must broadcast to (..., K) with K >= 1, got shape {tuple(products.shape)}")
+    shape = _broadcast("accumulate: a and b must broadcast to (..., K)", a=a, b=b)
+    if len(shape) == 0 or shape[-1] == 0:
+        raise ValueError(f"a and b must broadcast to (..., K) with K >= 1, got shape {tuple(shape)}")
+    return _accumulate_steps(a, b, acc_bits, mode)
+
+
+def _accumulate_steps(a: torch.Tensor, b: torch.Tensor, acc_bits: int, mode: str) -> torch.Tensor:
+    """``acc_k = R(acc_{k-1} + a_k b_k)``, one product at a time, as the hardware adds them."""
+    products = a.to(torch.int64) * b.to(torch.int64)  # (..., K): exact, at most 2^62
     acc = torch.zeros(products.shape[:-1], dtype=torch.int64, device=products.device)  # (...)
     steps = []
     for k in range(products.shape[-1]):
-        acc = _register(acc + products[..., k], acc_bits, mode)
+        acc = _register(acc + products[..., k], acc_bits, mode)  # wrap or saturate to acc_bits
         steps.append(acc)
     return torch.stack(steps, dim=-1)  # (..., K)
 
@@ -490,6 +544,11 @@ def quantize_multiplier(m: float) -> tuple[int, int]:
     m = float(m)
     if not math.isfinite(m) or m < 0:
         raise ValueError(f"the real multiplier m must be finite and >= 0, got {m!r}")
+    return _quantize_multiplier(m)
+
+
+def _quantize_multiplier(m: float) -> tuple[int, int]:
+    """(9.4) for a finite ``m >= 0``: TFLite's ``QuantizeMultiplier``."""
     if m == 0.0:
         return 0, 0
     q, shift = math.frexp(m)  # m = q * 2^shift, q in [0.5, 1)
@@ -588,7 +647,8 @@ def rounding_divide_by_pot(x: IntLike, exponent: IntLike) -> torch.Tensor:
 Rounding = Literal["double", "single"]
 
 
-def _mbqm(acc: object, multiplier: IntLike, shift: IntLike, rounding: Rounding = "double") -> torch.Tensor:
+def _mbqm_checked(acc: object, multiplier: object, shift: object, rounding: object) -> torch.Tensor:
+    """Check the arguments of (9.5), run :func:`_mbqm`, and refuse results TFLite could not form in int32."""
     if isinstance(acc, torch.Tensor) and acc.is_floating_point():
         raise TypeError(f"acc must be an integer (int32) tensor, got {acc.dtype}: requantization is integer")
     if not isinstance(acc, torch.Tensor):
@@ -601,24 +661,32 @@ def _mbqm(acc: object, multiplier: IntLike, shift: IntLike, rounding: Rounding =
     s = _int64(shift, "shift", x.device)
     _check_in(m, 0, INT32_MAX, "multiplier", "a fixed-point multiplier")
     _check_in(s, -31, 30, "shift", "a shift (TFLite's range)")
-    if rounding == "single":
+    if rounding == "double":
+        shifted = x * torch.bitwise_left_shift(torch.ones_like(s), s.clamp(min=0))  # acc * 2^left_shift
+        bad = (shifted < INT32_MIN) | (shifted > INT32_MAX)
+        if bool(bad.any()):
+            value = int(shifted[bad].flatten()[0])
+            raise OverflowError(
+                f"acc * 2^left_shift = {value} does not fit int32; TFLite forms this product in int32, "
+                "where overflow is undefined behaviour — keep |acc * m| small or shift <= 0"
+            )
+    result = _mbqm(x, m, s, rounding)  # type: ignore[arg-type]
+    bad = (result < INT32_MIN) | (result > INT32_MAX)  # only single rounding can get here
+    if bool(bad.any()):
+        value = int(result[bad].flatten()[0])
+        raise OverflowError(f"acc * multiplier * 2^(shift - 31) = {value} does not fit int32")
+    return result
+
+
+def _mbqm(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, rounding: Rounding = "double") -> torch.Tensor:
+    """(9.5) on int64 tensors holding int32 values: ``x`` = acc, ``m`` = multiplier, ``s`` = shift."""
+    if rounding == "single":  # TFLITE_SINGLE_ROUNDING: one rounding, in 64 bits
         total_shift = 31 - s  # in [1, 62]
         half = torch.bitwise_left_shift(torch.ones_like(total_shift), total_shift - 1)
-        result = torch.bitwise_right_shift(x * m + half, total_shift)  # |x * m| < 2^62: exact in int64
-        bad = (result < INT32_MIN) | (result > INT32_MAX)
-        if bool(bad.any()):
-            value = int(result[bad].flatten()[0])
-            raise OverflowError(f"acc * multiplier * 2^(shift - 31) = {value} does not fit int32")
-        return result
+        return torch.bitwise_right_shift(x * m + half, total_shift)  # |x * m| < 2^62: exact in int64
     left = s.clamp(min=0)
     right = (-s).clamp(min=0)
-    shifted = x * torch.bitwise_left_shift(torch.ones_like(left), left)  # acc * 2^left_shift
-    bad = (shifted < INT32_MIN) | (shifted > INT32_MAX)
-    if bool(bad.any()):
-        raise OverflowError(
-            f"acc * 2^left_shift = {int(shifted[bad].flatten()[0])} does not fit int32; TFLite forms this "
-            "product in int32, where overflow is undefined behaviour — keep |acc * m| small or shift <= 0"
-        )
+    shifted = x * torch.bitwise_left_shift(torch.ones_like(left), left)  # acc * 2^left_shift, fits int32
     return _rdbpot(_srdhm(shifted, m), right)  # int64 holding int32 values
 
 
@@ -649,7 +717,7 @@ def multiply_by_quantized_multiplier(
     >>> [multiply_by_quantized_multiplier(acc, multiplier, shift, r).item() for r in ("double", "single")]
     [4, 3]
     """
-    return _mbqm(acc, multiplier, shift, rounding).to(torch.int32)
+    return _mbqm_checked(acc, multiplier, shift, rounding).to(torch.int32)
 
 
 def _check_qrange(qmin: object, qmax: object) -> tuple[int, int]:
@@ -689,7 +757,7 @@ def requantize(
     """
     qmin, qmax = _check_qrange(qmin, qmax)
     _broadcast("requantize", acc=acc, multiplier=multiplier, shift=shift, out_zero_point=out_zero_point)
-    y = _mbqm(acc, multiplier, shift, rounding)  # int64 holding int32 values
+    y = _mbqm_checked(acc, multiplier, shift, rounding)  # int64 holding int32 values
     zo = _int64(out_zero_point, "out_zero_point", y.device)
     _check_in(zo, qmin, qmax, "out_zero_point", "an output integer")
     return (y + zo).clamp(qmin, qmax).to(_output_dtype(qmin, qmax))
@@ -731,11 +799,6 @@ def _positive_scale(scale: object, name: str, device: torch.device | None = None
     return s
 
 
-def _acc_scale(a_scale: object, w_scale: object, device: torch.device) -> torch.Tensor:
-    """``sa * sw`` in float64: the scale of the int32 accumulator."""
-    return _positive_scale(a_scale, "a_scale", device) * _positive_scale(w_scale, "w_scale", device)
-
-
 def quantize_bias(
     bias: torch.Tensor, a_scale: float | torch.Tensor, w_scale: float | torch.Tensor
 ) -> torch.Tensor:
@@ -754,13 +817,20 @@ def quantize_bias(
     if not bool(torch.isfinite(bias).all()):
         raise ValueError(f"bias must be finite, got {bias[~torch.isfinite(bias)].flatten()[0].item()}")
     _broadcast("quantize_bias", bias=bias, a_scale=a_scale, w_scale=w_scale)
-    scale = _acc_scale(a_scale, w_scale, bias.device)
-    q = torch.round(bias.double() / scale)
+    sa = _positive_scale(a_scale, "a_scale", bias.device)
+    sw = _positive_scale(w_scale, "w_scale", bias.device)
+    q = _quantize_bias(bias, sa, sw)
     if q.numel() and (float(q.min()) < INT32_MIN or float(q.max()) > INT32_MAX):
         raise OverflowError(
             f"a quantized bias ({float(q.abs().max()):.6g}) does not fit int32: sa * sw is too small"
         )
     return q.to(torch.int32)
+
+
+def _quantize_bias(bias: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """(9.6) in float64: ``round(bias / (sa * sw))``, half to even; integers, not yet narrowed to int32."""
+    acc_scale = a_scale.double() * w_scale.double()  # the accumulator's scale, zero point 0
+    return torch.round(bias.double() / acc_scale)
 
 
 def dequantize_acc(
@@ -777,5 +847,12 @@ def dequantize_acc(
     """
     x = _check_integer_tensor(acc, "acc")
     _broadcast("dequantize_acc", acc=acc, a_scale=a_scale, w_scale=w_scale)
-    scale = _acc_scale(a_scale, w_scale, x.device).float()
-    return x.to(torch.float32) * scale
+    sa = _positive_scale(a_scale, "a_scale", x.device)
+    sw = _positive_scale(w_scale, "w_scale", x.device)
+    return _dequantize_acc(x, sa, sw)
+
+
+def _dequantize_acc(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``acc * sa * sw``: the scale product once (float64, rounded to float32), then one multiply each."""
+    acc_scale = (a_scale.double() * w_scale.double()).to(torch.float32)  # () or (N,)
+    return acc.to(torch.float32) * acc_scale  # (M, N) float32

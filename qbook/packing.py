@@ -19,6 +19,10 @@ A row of ``L`` codes takes ``ceil(L * bits / 8)`` bytes; unused bits of the last
 within their field (-1 -> ``0xF`` for int4), unsigned codes as they are; :func:`unpack` sign-extends or
 not, so it must be told which. ``bits = 8`` is the identity on the bytes (int8 reinterpreted as uint8).
 
+:func:`pack_reference` and :func:`unpack_reference` compute the layout the way the text explains it
+(int64 blocks of ``lcm(bits, 8)`` bits); :func:`pack` and :func:`unpack` check their arguments and give the
+same bytes.
+
 :func:`storage_bytes` and :func:`bits_per_weight` count what a quantized weight really costs: the packed
 codes plus one scale (and optionally one zero point) per group of :mod:`qbook.granularity`,
 
@@ -128,7 +132,16 @@ def pack(q: torch.Tensor, bits: int, *, signed: bool | None = None) -> torch.Ten
     elif not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool or None, got {signed!r}")
     _check_codes(q, bits, signed)
-    per_block, bytes_per_block = _block(bits)
+    return pack_reference(q, bits)
+
+
+def pack_reference(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack` as the book explains it, in int64 blocks of ``lcm(bits, 8)`` bits; no argument checks.
+
+    Each block of codes becomes one integer ``sum_j (q_j mod 2^bits) * 2^(bits * j)``, cut into bytes. The
+    public :func:`pack` checks its arguments first and equals this bit for bit.
+    """
+    per_block, bytes_per_block = _block(bits)  # e.g. 8 int3 codes in 3 bytes
     length = q.shape[-1]
     fields = q.to(torch.int64) & (2**bits - 1)  # two's complement in the low `bits` bits
     fields = torch.nn.functional.pad(fields, (0, -length % per_block))
@@ -139,7 +152,7 @@ def pack(q: torch.Tensor, bits: int, *, signed: bool | None = None) -> torch.Ten
     byte_shifts = torch.arange(bytes_per_block, device=q.device) * 8
     packed = ((stream >> byte_shifts) & 0xFF).to(torch.uint8)  # (..., blocks, bytes per block)
     packed = packed.flatten(-2)  # (..., bytes in whole blocks)
-    return packed[..., : packed_length(length, bits)].contiguous()  # (..., ceil(L * bits / 8))
+    return packed[..., : -(-length * bits // 8)].contiguous()  # (..., ceil(L * bits / 8))
 
 
 def _check_codes(q: torch.Tensor, bits: int, signed: bool) -> None:
@@ -191,7 +204,24 @@ def unpack(packed: torch.Tensor, bits: int, length: int, *, signed: bool) -> tor
             f"length {length} at {bits} bits needs {n_bytes} bytes in the last dimension, "
             f"but packed has {packed.shape[-1]} (shape {tuple(packed.shape)})"
         )
+    _check_padding(packed, bits, length)
+    return unpack_reference(packed, bits, length, signed=signed)
+
+
+def _check_padding(packed: torch.Tensor, bits: int, length: int) -> None:
+    """The stream bits after the last code (the high bits of each row's last byte) must be zero."""
+    used = length * bits - 8 * (packed.shape[-1] - 1)  # bits of the last byte that hold codes, 1..8
+    if packed.shape[-1] and used < 8 and bool((packed[..., -1] >> used).any()):
+        raise ValueError(
+            f"the stream bits after code {length} are not zero: packed holds more than {length} codes "
+            "per row; pass the length that was packed"
+        )
+
+
+def unpack_reference(packed: torch.Tensor, bits: int, length: int, *, signed: bool) -> torch.Tensor:
+    """:func:`unpack` as the book explains it, in int64 blocks, without argument checks."""
     per_block, bytes_per_block = _block(bits)
+    n_bytes = packed.shape[-1]
     data = torch.nn.functional.pad(packed.to(torch.int64), (0, -n_bytes % bytes_per_block))
     n_blocks = -(-n_bytes // bytes_per_block)
     data = data.reshape(*packed.shape[:-1], n_blocks, bytes_per_block)  # (..., blocks, bytes per block)
@@ -199,13 +229,7 @@ def unpack(packed: torch.Tensor, bits: int, length: int, *, signed: bool) -> tor
     stream = (data << byte_shifts).sum(dim=-1, keepdim=True)  # (..., blocks, 1)
     shifts = torch.arange(per_block, device=packed.device) * bits
     fields = (stream >> shifts) & (2**bits - 1)  # (..., blocks, codes per block)
-    fields = fields.flatten(-2)  # (..., codes in whole blocks)
-    if fields[..., length:].any():
-        raise ValueError(
-            f"the stream bits after code {length} are not zero: packed holds more than {length} codes "
-            "per row; pass the length that was packed"
-        )
-    fields = fields[..., :length]
+    fields = fields.flatten(-2)[..., :length]  # (..., L)
     if signed:
         fields = fields - ((fields >> (bits - 1)) << bits)  # sign extension: f - 2^bits if the top bit is set
         return fields.to(torch.int8)
@@ -261,8 +285,16 @@ def storage_bytes(
         raise TypeError(f"granularity must be PerTensor, PerChannel or PerGroup, got {granularity!r}")
     scale_bits = _check_param_bits(scale_bits, "scale_bits")
     zero_point_bits = _check_param_bits(zero_point_bits, "zero_point_bits")
-    n_params = qparam_count(shape, granularity)
-    codes = math.prod(shape[:-1]) * packed_length(shape[-1], bits)
+    qparam_count(shape, granularity)  # checks that the granularity fits the shape
+    return _storage_bytes(shape, bits, granularity, scale_bits, zero_point_bits)
+
+
+def _storage_bytes(
+    shape: tuple[int, ...], bits: int, granularity: Granularity, scale_bits: int, zero_point_bits: int
+) -> int:
+    """Packed codes (whole bytes per row) plus ``P`` scales and ``P`` zero points, stored densely."""
+    n_params = qparam_count(shape, granularity)  # P: one per tensor, channel or group
+    codes = math.prod(shape[:-1]) * -(-shape[-1] * bits // 8)  # rows * ceil(L * bits / 8)
     return codes + -(-n_params * scale_bits // 8) + -(-n_params * zero_point_bits // 8)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from fractions import Fraction
@@ -12,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qbook import intmath
 from qbook.intmath import (
     INT32_MAX,
     INT32_MIN,
@@ -717,3 +719,40 @@ def test_numpy_integers_are_integers() -> None:
     b = torch.tensor([[3], [4]], dtype=torch.int8)
     assert int_matmul(a, b, np.int64(1), np.int32(-1)).item() == (1 - 1) * (3 + 1) + (2 - 1) * (4 + 1)
     assert multiply_by_quantized_multiplier(torch.tensor([1000]), np.int64(2**30), np.int8(0)).item() == 500
+
+
+# --------------------------------------------------------------------------------------------------------
+# The cores the chapters show (issue 8, section 4): math only, no argument checks
+# --------------------------------------------------------------------------------------------------------
+
+SHOWN_CORES = [
+    intmath.int_matmul_reference,
+    intmath._zero_point_terms,
+    intmath.ZeroPointTerms.combine,
+    intmath._dequantize_acc,
+    intmath._accumulate_steps,
+    intmath._max_safe_k,
+    intmath._quantize_bias,
+    intmath._quantize_multiplier,
+    intmath._mbqm,
+    intmath._rdbpot,
+    intmath._srdhm,
+]
+
+
+@pytest.mark.parametrize("core", SHOWN_CORES, ids=lambda f: f.__qualname__)
+def test_shown_cores_hold_no_argument_checks(core: object) -> None:
+    source = inspect.getsource(core)  # type: ignore[arg-type]
+    assert "raise" not in source and "_check" not in source
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
+def test_int_matmul_equals_the_reference(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(11)
+    lo, hi = (0, 255) if dtype == torch.uint8 else (-128, 127) if dtype == torch.int8 else (-3000, 3000)
+    a, b = _randint(gen, lo, hi, (5, 33), dtype), _randint(gen, lo, hi, (33, 7), dtype)
+    za, zb = _randint(gen, lo, hi, (5, 1), torch.int64), _randint(gen, lo, hi, (1, 7), torch.int64)
+    for a_zp, b_zp in ((0, 0), (3, -2), (za, zb), (za, 0), (0, zb)):
+        expected = intmath.int_matmul_reference(a, b, a_zp, b_zp)
+        assert expected.dtype == torch.int64
+        assert torch.equal(int_matmul(a, b, a_zp, b_zp), expected.to(torch.int32))
