@@ -61,7 +61,8 @@ def _config_inited(app, config) -> None:
     config.mathjax_config = None
     # MathJax finds its fonts and on-demand extensions next to the script it was loaded from.
     config.mathjax3_config = copy.deepcopy(MATHJAX3_CONFIG)
-    config.html_static_path = [*config.html_static_path, str(STATIC)]
+    if str(STATIC) not in config.html_static_path:
+        config.html_static_path = [*config.html_static_path, str(STATIC)]
 
 
 def _ignore(directory: str, names: list[str]) -> list[str]:
