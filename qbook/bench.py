@@ -161,6 +161,7 @@ def _quiet(fn: Callable[..., object], *args: object) -> object:
 
 def _affine_rows(n: int, torchao: bool = True) -> list[Row]:
     import qbook
+    from qbook.granularity import PerChannel, minmax
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=g)
@@ -241,7 +242,7 @@ def _affine_rows(n: int, torchao: bool = True) -> list[Row]:
         ),
     ]
     w = torch.randn(4096, 1024, generator=g)
-    lo, hi = torch.aminmax(w, dim=1, keepdim=True)
+    lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
 
     def qparams_composition() -> object:
         lo0, hi0 = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
@@ -294,7 +295,7 @@ def _affine_rows(n: int, torchao: bool = True) -> list[Row]:
         Row(
             "aminmax + calc_qparams (4096 channels)",
             "torchao choose_qparams_affine",
-            lambda: qbook.calc_qparams(*torch.aminmax(w, dim=1, keepdim=True), -128, 127),
+            lambda: qbook.calc_qparams(*minmax(w, PerChannel(0)), -128, 127),
             lambda: choose_qparams_affine(w, MappingType.ASYMMETRIC, (1, 1024), torch.int8, -128, 127),
             1.0,
             4 * w.numel(),

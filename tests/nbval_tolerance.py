@@ -25,8 +25,13 @@ import pytest
 #: A decimal number as Python, NumPy and torch print it: sign, digits, fraction, exponent; also nan and inf.
 NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|(?<!\w)[-+]?(?:nan|inf)(?!\w)")
 
-#: The MIME types of rich outputs whose text is compared with the tolerance (streams always are).
-TEXT_MIME = ("text/plain", "text/markdown", "text/html", "text/latex")
+#: The MIME types of rich outputs whose text is compared with the tolerance (streams always are); myst_nb.glue
+#: with ``display=False`` stores its value under ``application/papermill.record/<type>``.
+TEXT_MIME = tuple(
+    prefix + kind
+    for prefix in ("", "application/papermill.record/")
+    for kind in ("text/plain", "text/markdown", "text/html", "text/latex")
+)
 
 
 def split_numbers(text: str) -> tuple[list[str], list[float]]:

@@ -154,7 +154,8 @@ def _output_numbers(path: Path) -> list[str]:
     for cell in _cells(path):
         for out in cell.get("outputs", []):
             data = out.get("data", {})
-            texts = [out.get("text", "")] + [v for k, v in data.items() if k.startswith("text/")]
+            # text outputs, and glued values (application/papermill.record/text/plain)
+            texts = [out.get("text", "")] + [v for k, v in data.items() if "text/" in k]
             for text in texts:
                 text = "".join(text) if isinstance(text, list) else text
                 numbers += [m.group().replace(",", "") for m in OUTPUT_NUMBER.finditer(text)]
