@@ -169,11 +169,10 @@ def _choose_backend(backend: str, a: torch.Tensor, b: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     from_env = _triton_available() and interpreting()
     K = a.shape[1]
-    # The kernel computes element offsets in int32: the farthest element of A, B and C must be below 2**31.
-    farthest = max(sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) for x in (a, b))
-    fits = K <= K_MAX and max(farthest, a.shape[0] * b.shape[1]) < 2**31
     if backend == "auto":
-        return "triton" if a.is_cuda and fits and _triton_available() and not from_env else "torch"
+        # Every shape runs on the kernels (with 64-bit offsets where a matrix spans 2**31 elements or more);
+        # only K > K_MAX, where int32 could overflow, takes the exact torch path, which checks the result.
+        return "triton" if a.is_cuda and K <= K_MAX and _triton_available() and not from_env else "torch"
     if backend == "torch":
         return backend
     if not _triton_available():
@@ -188,8 +187,6 @@ def _choose_backend(backend: str, a: torch.Tensor, b: torch.Tensor) -> str:
             f"backend='triton' runs on CUDA tensors, or on the CPU with the environment variable "
             f"TRITON_INTERPRET=1; got tensors on {a.device}"
         )
-    if not fits:
-        raise ValueError("the Triton kernel indexes in int32: each matrix must span under 2**31 elements")
     return backend
 
 
@@ -251,21 +248,25 @@ def int8_matmul(
     return int8_matmul_torch(a, b, epilogue)
 
 
-def ptx(arch: int = 90, epilogue: str = "dequantize") -> str:
-    """PTX of the int8 matmul kernel for ``sm_<arch>``, compiled without a GPU (chapter 10).
+def ptx(arch: int = 90, epilogue: str = "dequantize", kernel: str = "gemm") -> str:
+    """PTX of chapter 10's int8 kernels for ``sm_<arch>``, compiled without a GPU.
 
-    ``arch`` is the compute capability times ten: 80 (A100) gives ``mma.sync ... .s8.s8`` instructions,
-    90 (H100, compiled as ``sm_90a``) gives ``wgmma.mma_async ... .s8.s8``. ``epilogue`` is ``"int32"``,
-    ``"dequantize"`` (float32 out, with bias) or ``"requantize"``. Results are cached. Needs Triton.
+    ``arch`` is the compute capability times ten (80, 86, 89, or 90, compiled as ``sm_90a``).
+    ``kernel="gemm"`` is the GEMM that GPU runs on large aligned shapes: before Hopper the portable kernel
+    (``mma.sync ... .s8.s8``), on Hopper the persistent kernel with TMA copies (``cp.async.bulk.tensor``) and
+    warp specialisation (``setmaxnreg``) around ``wgmma.mma_async ... .s8.s8``. ``kernel="decode"`` is the
+    kernel for M <= 16 tokens, with swapped operands (``wgmma ... m64n8k32`` on Hopper). ``"portable"`` and
+    ``"tma"`` name a kernel directly. ``epilogue`` is ``"int32"``, ``"dequantize"`` (float32 out, with
+    bias) or ``"requantize"``. Results are cached. Needs Triton.
 
     >>> "wgmma.mma_async" in ptx(90)
     True
     """
     if not _triton_available():
         raise ImportError(_GPU_EXTRA)
-    from .int8_triton import ptx as _ptx
+    from .int8_ptx import ptx as _ptx
 
-    return _ptx(arch, epilogue)
+    return _ptx(arch, epilogue, kernel)
 
 
 def int8_configs(arch: int) -> tuple:

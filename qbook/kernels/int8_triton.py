@@ -1,7 +1,7 @@
-"""The Triton int8 GEMM of chapter 10: int32 accumulation on tensor cores, dequantization in the epilogue.
+"""The Triton int8 GEMMs of chapter 10: int32 accumulation on tensor cores, dequantization in the epilogue.
 
 The algorithm, in the notation of the book. ``C = A @ B`` with ``A`` int8 (M, K) and ``B`` int8 (K, N) is cut
-into tiles of ``BLOCK_M x BLOCK_N``; one program (a CUDA thread block) owns one tile of ``C``. It walks K in
+into tiles of ``BLOCK_M x BLOCK_N``; a program (a CUDA thread block) computes a tile of ``C``. It walks K in
 steps of ``BLOCK_K``, loading a ``(BLOCK_M, BLOCK_K)`` slab of ``A`` and a ``(BLOCK_K, BLOCK_N)`` slab of
 ``B`` and adding their product into an int32 accumulator ``acc`` that never leaves registers (10.1)::
 
@@ -16,15 +16,21 @@ When the loop ends, the epilogue turns ``acc`` into the output while it is still
 Fusing (10.2) here saves writing the int32 ``(M, N)`` matrix to memory and reading it back for a separate
 scaling kernel: 8 bytes per output element that the unfused pipeline moves through DRAM.
 
-This module needs Triton. :func:`qbook.kernels.int8_matmul` is the checked public entry point; the
-functions here assume their inputs have been validated. The kernel calls Triton builtins only, no
-``@triton.jit`` helpers such as ``tl.cdiv``: Triton's CPU interpreter then runs it whether or not
-``TRITON_INTERPRET=1`` was set when Triton was imported.
+Three kernels share the epilogue :func:`_epilogue` and the tile order :func:`tile_order`:
+
+- :func:`_int8_matmul_kernel` (this module), the portable one: pointers and strides, any layout, any GPU
+  from Ampere on; loads pipelined by ``cp.async``;
+- ``int8_hopper._int8_matmul_tma_kernel``: persistent, TMA loads and stores, warp-specialised (Hopper);
+- ``int8_decode._int8_decode_kernel``: for M <= 16 tokens, operands swapped and K split among programs.
+
+:func:`choose_kernel` picks one and :func:`launch` runs it. This module needs Triton;
+:func:`qbook.kernels.int8_matmul` is the checked public entry point.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -32,7 +38,6 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -41,7 +46,42 @@ from . import interpreting
 if TYPE_CHECKING:
     from . import Epilogue
 
-__all__ = ["INTERPRETER_CONFIG", "TileConfig", "int8_configs", "launch", "ptx", "tile_order"]
+__all__ = [
+    "INTERPRETER_CONFIG", "KERNELS", "TileConfig", "choose_kernel", "int8_configs", "interpreted", "launch",
+    "needs_int64", "tile_order",
+]  # fmt: skip
+
+KERNELS = ("portable", "tma", "decode")
+
+
+@triton.jit
+def _epilogue(
+    acc, offs_m, offs_n,  # the int32 tile and the rows (of A) and columns (of B) it belongs to
+    a_scale_ptr, b_scale_ptr, bias_ptr, stride_a_scale, stride_b_scale, out_scale, out_zero_point,
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    # What every kernel does with its int32 tile once the K loop is done: nothing ("int32"), (10.2) or (10.3).
+    if EPILOGUE == "int32":
+        out = acc
+    else:
+        # (10.2): one scale per row of A, one per column of B (stride 0 reads the same scalar everywhere).
+        a_scale = tl.load(a_scale_ptr + offs_m * stride_a_scale)
+        b_scale = tl.load(b_scale_ptr + offs_n * stride_b_scale)
+        y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n)[None, :]
+        if EPILOGUE == "dequantize":
+            out = y
+        else:
+            # (10.3), with an IEEE division as in the reference. Values beyond +-384 clamp to -128 or 127
+            # whatever the zero point, so clamping them first keeps |t| < 2**22, where adding and subtracting
+            # 1.5 * 2**23 rounds t to an integer, ties to even, exactly.
+            t = tl.math.div_rn(y, out_scale)
+            t = tl.minimum(tl.maximum(t, -384.0), 384.0)
+            t = (t + 12582912.0) - 12582912.0
+            q = t.to(tl.int32) + out_zero_point
+            out = tl.minimum(tl.maximum(q, -128), 127)
+    return out
 
 
 @triton.jit
@@ -58,6 +98,7 @@ def _int8_matmul_kernel(
     out_scale, out_zero_point,
     EPILOGUE: tl.constexpr,  # "int32", "dequantize" or "requantize"
     HAS_BIAS: tl.constexpr,
+    INDEX_64: tl.constexpr,  # 64-bit offsets, for a matrix that spans 2**31 elements or more
     # Tile meta-parameters, chosen by the autotuner (int8_configs) or fixed for the interpreter.
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -77,6 +118,11 @@ def _int8_matmul_kernel(
 
     # 2. Row and column indices of the tile. Indices past M (or N) wrap around into range, so the loads of
     #    the K loop need no M or N mask; the rows they compute are thrown away by the masked store at the end.
+    #    Offsets are products of indices and strides: int32, unless a matrix is too large for that.
+    if INDEX_64:
+        stride_am, stride_ak = tl.cast(stride_am, tl.int64), tl.cast(stride_ak, tl.int64)
+        stride_bk, stride_bn = tl.cast(stride_bk, tl.int64), tl.cast(stride_bn, tl.int64)
+        stride_cm, stride_cn = tl.cast(stride_cm, tl.int64), tl.cast(stride_cn, tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = rows % M
@@ -98,26 +144,8 @@ def _int8_matmul_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     # 4. The epilogue, on the tile in registers: no int32 matrix ever goes to memory unless asked for.
-    if EPILOGUE == "int32":
-        out = acc
-    else:
-        # (10.2): one scale per row of A, one per column of B (stride 0 reads the same scalar everywhere).
-        a_scale = tl.load(a_scale_ptr + offs_m * stride_a_scale)  # (BLOCK_M,)
-        b_scale = tl.load(b_scale_ptr + offs_n * stride_b_scale)  # (BLOCK_N,)
-        y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n)[None, :]
-        if EPILOGUE == "dequantize":
-            out = y
-        else:
-            # (10.3), with an IEEE division as in the reference. Values beyond +-384 clamp to -128 or 127
-            # whatever the zero point, so clamping them first keeps |t| < 2**22, where adding and subtracting
-            # 1.5 * 2**23 rounds t to an integer, ties to even, exactly.
-            t = tl.math.div_rn(y, out_scale)
-            t = tl.minimum(tl.maximum(t, -384.0), 384.0)
-            t = (t + 12582912.0) - 12582912.0
-            q = t.to(tl.int32) + out_zero_point
-            out = tl.minimum(tl.maximum(q, -128), 127)
+    out = _epilogue(acc, offs_m, offs_n, a_scale_ptr, b_scale_ptr, bias_ptr, stride_a_scale, stride_b_scale,
+                    out_scale, out_zero_point, EPILOGUE, HAS_BIAS)  # fmt: skip
 
     # 5. Write the tile, masking the rows and columns that lie outside C.
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn  # (BLOCK_M, BLOCK_N)
@@ -148,13 +176,14 @@ def tile_order(num_pid_m: int, num_pid_n: int, GROUP_M: int) -> list[tuple[int, 
 class TileConfig:
     """One launch configuration: the tile meta-parameters and the compiler's warps and pipeline stages.
 
-    Shared memory per program is ``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K`` bytes for int8 tiles.
+    Shared memory per program is about ``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K`` bytes for int8 tiles.
+    The decode kernel leaves ``BLOCK_M`` (the tokens, 8 or 16, set from M at launch) and ``GROUP_M`` at None.
     """
 
-    BLOCK_M: int
+    BLOCK_M: int | None
     BLOCK_N: int
     BLOCK_K: int
-    GROUP_M: int = 8
+    GROUP_M: int | None = 8
     num_warps: int = 4
     num_stages: int = 3
 
@@ -163,7 +192,7 @@ class TileConfig:
         """The kernel's tile meta-parameters (the constexpr arguments)."""
         params = asdict(self)
         del params["num_warps"], params["num_stages"]
-        return params
+        return {name: value for name, value in params.items() if value is not None}
 
     def to_triton(self) -> triton.Config:
         return triton.Config(self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
@@ -173,151 +202,164 @@ class TileConfig:
 #: still small enough that the test shapes cover several tiles, a partial last tile and the K tail.
 INTERPRETER_CONFIG = TileConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
-# Decode and other skinny shapes (M <= 64): tall-thin tiles with a long K step. With N = 4096 these give
-# 64 to 128 programs, enough to keep every SM streaming weights.
-_SKINNY = (
-    TileConfig(16, 64, 256, num_warps=4, num_stages=4),
-    TileConfig(16, 32, 256, num_warps=4, num_stages=4),
-    TileConfig(32, 64, 128, num_warps=4, num_stages=4),
-    TileConfig(64, 64, 128, num_warps=4, num_stages=4),
-)
-
 
 def int8_configs(arch: int) -> tuple[TileConfig, ...]:
-    """Autotuning candidates for the int8 GEMM on NVIDIA compute capability ``arch`` (80 Ampere, 90 Hopper).
+    """Autotuning candidates of the portable kernel on compute capability ``arch`` (80 Ampere, 90 Hopper).
 
     An int8 tensor-core instruction consumes 32 values of K (``mma.m16n8k32``, ``wgmma.m64nNk32``), so
-    ``BLOCK_K`` is a multiple of 32. Ampere has 164 KB of shared memory per SM: three or four stages of
-    ``(BLOCK_M + BLOCK_N) * BLOCK_K`` bytes fit for 128-256 wide tiles with ``BLOCK_K = 64``. Hopper has
-    228 KB and issues ``wgmma`` per warpgroup of 4 warps on ``BLOCK_M >= 64``, so its large tiles use 8 warps
-    (two warpgroups) and ``BLOCK_K = 128``. The first entry is the large-square workhorse; chapter 10
-    compiles it to PTX.
+    ``BLOCK_K`` is a multiple of 32. The int32 accumulator takes ``BLOCK_M * BLOCK_N / (32 * num_warps)``
+    registers per thread, and each thread has at most 255: every configuration here leaves room for the
+    operand fragments and addresses, and ``ptxas`` compiles each of them without spilling registers (chapter
+    10 checks it). The first entry is the large-tile workhorse that chapter 10 compiles to PTX. Hopper runs
+    this kernel only where the TMA kernel cannot (unaligned strides); skinny tiles serve M <= 64.
 
-    >>> int8_configs(90)[0]
-    TileConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-    >>> all(c.BLOCK_K % 32 == 0 for c in int8_configs(80))
+    >>> int8_configs(80)[0]
+    TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    >>> all(c.BLOCK_K % 32 == 0 for c in int8_configs(90))
     True
     """
     if arch >= 90:
-        square = (
+        large = (
             TileConfig(128, 256, 128, num_warps=8, num_stages=3),
-            TileConfig(256, 128, 128, num_warps=8, num_stages=3),
-            TileConfig(128, 128, 128, num_warps=8, num_stages=4),
-            TileConfig(128, 256, 64, num_warps=8, num_stages=4),
-            TileConfig(64, 256, 128, num_warps=4, num_stages=4),
             TileConfig(128, 128, 64, num_warps=4, num_stages=5),
         )
     else:
-        square = (
-            TileConfig(128, 256, 64, num_warps=8, num_stages=3),
-            TileConfig(256, 128, 64, num_warps=8, num_stages=3),
-            TileConfig(128, 128, 64, num_warps=4, num_stages=4),
+        large = (
+            TileConfig(128, 128, 64, num_warps=8, num_stages=4),
             TileConfig(128, 128, 128, num_warps=8, num_stages=3),
-            TileConfig(64, 128, 128, num_warps=4, num_stages=4),
-            TileConfig(128, 64, 64, num_warps=4, num_stages=5),
+            TileConfig(128, 64, 64, num_warps=4, num_stages=4),
         )
-    return square + _SKINNY
+    skinny = (
+        TileConfig(64, 128 if arch >= 90 else 64, 128, num_warps=4, num_stages=4),
+        TileConfig(32, 64, 128, num_warps=4, num_stages=4),
+    )
+    return large + skinny
 
 
 def _prune_for_m(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles taller than twice M rounded up to a power of two (mostly padding); 16 always stays."""
-    limit = max(16, 2 * triton.next_power_of_2(named_args["M"]))
+    """Drop tiles taller than twice M rounded up to a power of two (mostly padding); the shortest stays."""
+    limit = max(32, 2 * triton.next_power_of_2(named_args["M"]))
     return [c for c in configs if c.kwargs["BLOCK_M"] <= limit]
+
+
+#: The autotuner's key: a new shape, a new layout of B (K-major or not) or a new epilogue is tuned anew.
+TUNING_KEY = ["M", "N", "K", "stride_bk", "stride_bn", "EPILOGUE", "HAS_BIAS"]
 
 
 @functools.cache
 def _autotuned(arch: int) -> Callable:
     return triton.autotune(
         configs=[c.to_triton() for c in int8_configs(arch)],
-        key=["M", "N", "K", "EPILOGUE", "HAS_BIAS"],
+        key=TUNING_KEY,
         prune_configs_by={"early_config_prune": _prune_for_m},
     )(_int8_matmul_kernel)
 
 
 @functools.cache
-def _interpreted() -> InterpretedFunction:
-    kernel = _int8_matmul_kernel
-    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+def interpreted(kernel: JITFunction | InterpretedFunction) -> InterpretedFunction:
+    """``kernel`` as Triton's CPU interpreter runs it, the ``@triton.jit`` helpers it calls included.
+
+    Triton makes ``@triton.jit`` functions interpreted ones if ``TRITON_INTERPRET=1`` is set when they are
+    defined. Set later, or between the imports of two modules, a kernel is made interpreted here: it runs with
+    a copy of its module's globals in which every ``@triton.jit`` function is interpreted too, so that calls
+    such as ``_epilogue(...)`` run in Python. (Triton's own helpers such as ``tl.zeros`` stay compiled-only:
+    the kernels call builtins such as ``tl.full`` instead.)
+    """
+    fn = kernel.fn
+    env = {name: InterpretedFunction(value.fn) if isinstance(value, JITFunction) else value
+           for name, value in fn.__globals__.items()}  # fmt: skip
+    clone = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+    return InterpretedFunction(clone)
 
 
-def launch(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
-    """Allocate ``C`` and launch the kernel: autotuned on a GPU, :data:`INTERPRETER_CONFIG` when interpreting.
+def needs_int64(*matrices: torch.Tensor) -> bool:
+    """Whether some element of the matrices lies ``2**31`` or more elements from its matrix's start.
+
+    Then the kernels compute their element offsets in 64 bits (``INDEX_64``), rather than leave the GPU.
+
+    >>> logits = torch.empty((16384, 152064), device="meta")  # 16384 tokens times a 152064-word vocabulary
+    >>> needs_int64(torch.empty((2, 3), device="meta")), needs_int64(logits)
+    (False, True)
+    """
+    farthest = max(sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) for x in matrices)
+    return farthest >= 2**31
+
+
+def choose_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, arch: int) -> str:
+    """Which kernel computes ``c = a @ b`` on ``arch``: ``"decode"``, ``"tma"`` or ``"portable"``.
+
+    Decode shapes (M <= 16) take the decode kernel. On Hopper (``arch >= 90``) the TMA kernel takes the rest
+    when TMA can address the matrices (``int8_hopper.tma_compatible``: B K-major as :func:`qbook.kernels.
+    layout.prepack_weight` stores it, rows 16-byte aligned). Everything else runs on the portable kernel.
+
+    >>> a, w = torch.zeros((4096, 4096), dtype=torch.int8), torch.zeros((4096, 4096), dtype=torch.int8)
+    >>> c = torch.empty((4096, 4096), dtype=torch.int32)
+    >>> choose_kernel(a, w.T, c, 90), choose_kernel(a, w, c, 90), choose_kernel(a[:16], w.T, c[:16], 90)
+    ('tma', 'portable', 'decode')
+    """
+    from .int8_hopper import tma_compatible
+
+    if a.shape[0] <= 16:
+        return "decode"
+    if arch >= 90 and tma_compatible(a, b, c):
+        return "tma"
+    return "portable"
+
+
+def launch(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue, kernel: str | None = None) -> torch.Tensor:
+    """Allocate ``C``, pick a kernel (:func:`choose_kernel`, or ``kernel``) and launch it.
 
     ``a`` int8 (M, K) and ``b`` int8 (K, N) on one device, ``epilogue`` as built by
-    :func:`qbook.kernels.int8_matmul`; any strides.
+    :func:`qbook.kernels.int8_matmul`; any strides. On a GPU each kernel is autotuned; in the interpreter it
+    runs one small fixed configuration, and ``choose_kernel`` decides as it would on Hopper.
     """
-    M, K = a.shape
-    N = b.shape[1]
+    M, N = a.shape[0], b.shape[1]
     c = torch.empty((M, N), dtype=epilogue.out_dtype, device=a.device)
+    arch = 90 if interpreting() else _arch(a.device)
+    kernel = kernel or choose_kernel(a, b, c, arch)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "decode" and M > 16:
+        raise ValueError(f"the decode kernel takes M <= 16 rows, got M = {M}")
     a_scale, b_scale = epilogue.a_scale, epilogue.b_scale
     args = (
-        a, b, c, a_scale, b_scale, epilogue.bias,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        a_scale, b_scale, epilogue.bias,
         int(a_scale is not None and a_scale.numel() > 1), int(b_scale is not None and b_scale.numel() > 1),
         epilogue.out_scale, epilogue.out_zero_point,
     )  # fmt: skip
-    options = {"EPILOGUE": epilogue.kind, "HAS_BIAS": epilogue.bias is not None}
+    has_bias, index_64 = epilogue.bias is not None, needs_int64(a, b, c)
+    options = {"EPILOGUE": epilogue.kind, "HAS_BIAS": has_bias, "INDEX_64": index_64}
+    if kernel == "tma":
+        from .int8_hopper import launch_tma
+
+        launch_tma(a, b, c, args, options)
+    elif kernel == "decode":
+        from .int8_decode import launch_decode
+
+        launch_decode(a, b, c, args, options, arch)
+    else:
+        _launch_gemm(a, b, c, args, options, arch)
+    return c
+
+
+def _launch_gemm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, args: tuple, options: dict, arch: int
+) -> None:
+    """One program per tile of C: the grid is ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` programs."""
+    (M, K), N = a.shape, b.shape[1]
+    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    operands = (a, b, c, *args[:3], M, N, K, *strides, *args[3:])
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     if interpreting():
-        _interpreted()[grid](*args, **options, **INTERPRETER_CONFIG.meta)
+        interpreted(_int8_matmul_kernel)[grid](*operands, **options, **INTERPRETER_CONFIG.meta)
     else:
-        major, minor = torch.cuda.get_device_capability(a.device)
         with torch.cuda.device(a.device):
-            _autotuned(10 * major + minor)[grid](*args, **options, enable_fp_fusion=False)
-    return c
+            _autotuned(arch)[grid](*operands, **options, enable_fp_fusion=False)
 
 
-# Argument types for compiling without a GPU. The unit strides (A row-major, B column-major as the transpose
-# of an (N, K) nn.Linear weight, C row-major) are constants, as Triton specialises them when it launches.
-_SIGNATURE = {
-    "a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": None, "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
-    "bias_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-    "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "constexpr", "stride_bn": "i32",
-    "stride_cm": "i32", "stride_cn": "constexpr",
-    "stride_a_scale": "constexpr", "stride_b_scale": "constexpr",
-    "out_scale": "fp32", "out_zero_point": "i32", "EPILOGUE": "constexpr", "HAS_BIAS": "constexpr",
-    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-}  # fmt: skip
-_OUT_TYPES = {"int32": "*i32", "dequantize": "*fp32", "requantize": "*i8"}
-_SUPPORTED_ARCHS = (80, 86, 89, 90)
-
-
-@functools.cache
-def ptx(arch: int = 90, epilogue: str = "dequantize") -> str:
-    """PTX of the int8 matmul kernel compiled for ``sm_<arch>`` (``sm_90a`` for Hopper), without a GPU.
-
-    Triton's compiler needs only a target description, ``GPUTarget("cuda", arch, 32)``, and the ``ptxas``
-    shipped with Triton; no driver and no device. The kernel is specialised as it would be launched on
-    that architecture: the first tile of :func:`int8_configs` (``arch``), per-row and per-column scales,
-    ``A`` row-major and ``B`` column-major (the transpose of an ``(N, K)`` weight), M, N, K and the leading
-    strides multiples of 16, as for the layers of a transformer.
-
-    >>> text = ptx(80)
-    >>> "mma.sync.aligned.m16n8k32.row.col" in text and ".s8.s8" in text
-    True
-    """
-    if arch not in _SUPPORTED_ARCHS:
-        raise ValueError(f"arch must be one of {_SUPPORTED_ARCHS} (compute capability x 10), got {arch!r}")
-    if epilogue not in _OUT_TYPES:
-        raise ValueError(f"epilogue must be one of {tuple(_OUT_TYPES)}, got {epilogue!r}")
-    config = int8_configs(arch)[0]
-    kernel = _int8_matmul_kernel
-    kernel = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    signature = {**_SIGNATURE, "c_ptr": _OUT_TYPES[epilogue]}
-    constexprs = {
-        "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_a_scale": 1, "stride_b_scale": 1,
-        "EPILOGUE": epilogue, "HAS_BIAS": True, **config.meta,
-    }  # fmt: skip
-    # Divisibility by 16 (pointers 16-byte aligned, M, N, K and leading strides multiples of 16), as Triton
-    # infers it at launch for such shapes: it lets the K loop use 16-byte asynchronous copies (cp.async).
-    aligned = ("a_ptr", "b_ptr", "c_ptr", "a_scale_ptr", "b_scale_ptr", "bias_ptr", "M", "N", "K",
-               "stride_am", "stride_bn", "stride_cm")  # fmt: skip
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": False}
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    return compiled.asm["ptx"]
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
