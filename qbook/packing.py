@@ -42,6 +42,7 @@ tensor([ 1,  2, -1, -8,  7], dtype=torch.int8)
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -132,7 +133,7 @@ def pack(q: torch.Tensor, bits: int, *, signed: bool | None = None) -> torch.Ten
     elif not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool or None, got {signed!r}")
     _check_codes(q, bits, signed)
-    return pack_reference(q, bits)
+    return _pack(q, bits)
 
 
 def pack_reference(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -205,7 +206,7 @@ def unpack(packed: torch.Tensor, bits: int, length: int, *, signed: bool) -> tor
             f"but packed has {packed.shape[-1]} (shape {tuple(packed.shape)})"
         )
     _check_padding(packed, bits, length)
-    return unpack_reference(packed, bits, length, signed=signed)
+    return _unpack(packed, bits, length, signed)
 
 
 def _check_padding(packed: torch.Tensor, bits: int, length: int) -> None:
@@ -234,6 +235,117 @@ def unpack_reference(packed: torch.Tensor, bits: int, length: int, *, signed: bo
         fields = fields - ((fields >> (bits - 1)) << bits)  # sign extension: f - 2^bits if the top bit is set
         return fields.to(torch.int8)
     return fields.to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path: the same bytes as pack_reference / unpack_reference, computed in wide "lanes" (SWAR)
+# ---------------------------------------------------------------------------------------------------------
+#
+# A lane is a group of codes, one per byte, read as one wider integer: 8 / bits codes (int16 for int4,
+# int32 for int2, int64 for int1) when bits divides 8, else 8 codes in an int64 (8 int3 codes -> 3 bytes).
+# Packing merges neighbouring fields in log2(codes per lane) steps: step l joins pairs of sub-lanes of
+# ``sub = 8 * 2^(l-1)`` bits, each holding ``w = bits * 2^(l-1)`` data bits, by moving the upper one down by
+# ``sub - w`` bits. After the last step the lane's low ``8 * bits`` bits are the stream of its codes
+# (little-endian, so byte order is stream order). Unpacking runs the steps backwards. Every step is a few
+# whole-tensor integer operations, with no int64 temporaries per code and no Python loop over codes. Only
+# little-endian hosts take this path.
+
+_LANE_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # codes per lane -> lane dtype
+
+
+def _repeat(pattern: int, period: int, width: int) -> int:
+    """``pattern`` repeated every ``period`` bits across a ``width``-bit integer."""
+    return sum(pattern << (period * i) for i in range(width // period))
+
+
+def _lane_codes(bits: int) -> int:
+    return 8 // bits if 8 % bits == 0 else 8
+
+
+def _steps(bits: int) -> list[tuple[int, int, int]]:
+    """``(shift, low_mask, high_mask)`` of each merge step: the data kept in place and the data moved."""
+    lane_bits = 8 * _lane_codes(bits)
+    steps = []
+    sub, w = 8, bits
+    while sub < lane_bits:
+        low = _repeat(2**w - 1, 2 * sub, lane_bits)  # data of the lower sub-lane of each pair
+        high = _repeat((2**w - 1) << w, 2 * sub, lane_bits)  # where the upper sub-lane's data lands
+        steps.append((sub - w, low, high))
+        sub, w = 2 * sub, 2 * w
+    return steps
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_reference` on checked codes, in lanes; bit for bit the same bytes."""
+    *lead, length = q.shape
+    n_bytes = -(-length * bits // 8)
+    if q.numel() == 0 or sys.byteorder != "little":
+        return pack_reference(q, bits)
+    if q.dtype == torch.int8:
+        u = q.view(torch.uint8)  # two's complement bytes
+    elif q.dtype == torch.uint8:
+        u = q
+    else:
+        u = q.to(torch.uint8)  # the low byte, modulo 256
+    if bits == 8:
+        return u.clone(memory_format=torch.contiguous_format) if u.data_ptr() == q.data_ptr() else u
+    per_lane = _lane_codes(bits)
+    pad = -length % per_lane
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))  # zero codes fill the last lane
+    elif not u.is_contiguous() or u.storage_offset() % per_lane:
+        u = u.clone(memory_format=torch.contiguous_format)
+    x = u.view(_LANE_DTYPES[per_lane]) & _repeat(2**bits - 1, 8, 8 * per_lane)  # (..., lanes): fields only
+    steps = _steps(bits)
+    for step, (shift, low, high) in enumerate(steps, start=1):
+        if 2 * bits <= 8:  # the moved data never lands on data still in place: one or, one mask
+            x |= x >> shift
+            if step < len(steps):  # after the last step only bytes that are kept hold data
+                x &= low | high
+        else:
+            moved = (x >> shift) & high
+            x &= low
+            x |= moved
+    if 8 % bits == 0:
+        out = x.to(torch.uint8)  # (..., bytes): one byte per lane
+    else:
+        lanes = x.shape[-1]
+        out = x.view(torch.uint8).reshape(*lead, lanes, 8)[..., :bits].reshape(*lead, lanes * bits)
+    return out[..., :n_bytes].contiguous() if pad else out
+
+
+def _unpack(packed: torch.Tensor, bits: int, length: int, signed: bool) -> torch.Tensor:
+    """:func:`unpack_reference` on checked bytes, in lanes; bit for bit the same codes."""
+    *lead, n_bytes = packed.shape
+    if packed.numel() == 0 or length == 0 or sys.byteorder != "little":
+        return unpack_reference(packed, bits, length, signed=signed)
+    if bits == 8:
+        return (packed.view(torch.int8) if signed else packed).clone(memory_format=torch.contiguous_format)
+    per_lane = _lane_codes(bits)
+    if 8 % bits == 0:
+        x = packed.to(_LANE_DTYPES[per_lane])  # (..., lanes): each byte in its own lane
+    else:
+        lanes = -(-n_bytes // bits)  # a lane's ``bits`` bytes hold 8 codes
+        blocks = torch.zeros(*lead, lanes, 8, dtype=torch.uint8, device=packed.device)  # (..., lanes, 8)
+        stream = torch.nn.functional.pad(packed, (0, lanes * bits - n_bytes))  # (..., lanes * bits)
+        blocks[..., :bits] = stream.reshape(*lead, lanes, bits)
+        x = blocks.view(torch.int64).reshape(*lead, lanes)
+    for shift, low, high in reversed(_steps(bits)):
+        upper = high << shift  # where the upper sub-lane's data goes back to
+        if 2 * bits <= 8:
+            x |= x << shift
+            x &= low | upper
+        else:
+            moved = (x << shift) & upper
+            x &= low
+            x |= moved
+    codes = x.view(torch.uint8).reshape(*lead, -1)  # (..., lanes * codes per lane), unsigned fields
+    if signed:
+        half = 2 ** (bits - 1)
+        codes ^= half
+        codes -= half  # f - 2^bits when the top bit is set, in uint8 arithmetic
+        codes = codes.view(torch.int8)
+    return codes[..., :length].contiguous()
 
 
 def _check_shape(shape: object) -> tuple[int, ...]:

@@ -404,3 +404,52 @@ def test_code_range_needs_a_bool() -> None:
 def test_shown_cores_hold_no_argument_checks(core: object) -> None:
     source = inspect.getsource(core)  # type: ignore[arg-type]
     assert "raise" not in source and "_check" not in source
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path (issue 9) equals the reference bit for bit
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_fast_equals_reference_on_every_code_and_length(bits: int, signed: bool) -> None:
+    """Every code at every position of a lane (8 positions cover both lane layouts), rows of every length up
+    to three lanes (odd ones included), from every integer dtype that holds the codes."""
+    qmin, qmax = code_range(bits, signed)
+    codes = torch.arange(qmin, qmax + 1)  # (2^bits,)
+    rows = torch.stack([torch.roll(codes, shift) for shift in range(8)])  # each code at each of 8 positions
+    rows = torch.cat([rows, rows.flip(-1)], dim=-1)  # (8, 2^(bits+1))
+    rows = rows.repeat(1, 1 + 32 // rows.shape[-1])  # at least 33 codes per row
+    dtypes = [torch.int8, torch.int16, torch.int32, torch.int64] if signed else [torch.uint8, torch.int16]
+    for dtype in dtypes:
+        for length in [*range(1, 26), rows.shape[-1] - 1, rows.shape[-1]]:
+            q = rows[:, :length].to(dtype)  # a view: not contiguous when length < the row
+            packed = pack(q, bits, signed=signed)
+            assert torch.equal(packed, packing.pack_reference(q, bits)), (dtype, length)
+            back = unpack(packed, bits, length, signed=signed)
+            assert torch.equal(back, packing.unpack_reference(packed, bits, length, signed=signed))
+            assert torch.equal(back.long(), q.long())
+
+
+def test_fast_path_handles_views_offsets_and_leading_dimensions() -> None:
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(-4, 4, (5, 6, 34), generator=gen, dtype=torch.int8)
+    views = [base[1:], base[:, 1:], base[..., 1:], base[..., ::2], base.transpose(0, 2), base[2, 3]]
+    for bits in (3, 4, 8):
+        for q in views:
+            packed = pack(q, bits)
+            assert torch.equal(packed, packing.pack_reference(q, bits))
+            assert torch.equal(unpack(packed[..., :], bits, q.shape[-1], signed=True), q)
+            shifted = torch.cat([packed, packed], dim=-1)[..., packed.shape[-1] :]  # a view at an odd offset
+            assert torch.equal(unpack(shifted, bits, q.shape[-1], signed=True), q)
+
+
+def test_pack_returns_new_memory() -> None:
+    q = torch.tensor([1, -2, 3], dtype=torch.int8)
+    packed = pack(q, 8)
+    packed += 1
+    assert q.tolist() == [1, -2, 3]
+    codes = unpack(packed, 8, 3, signed=True)
+    codes += 1
+    assert packed.tolist() == [2, 255, 4]
