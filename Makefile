@@ -21,7 +21,7 @@ export CUBLAS_WORKSPACE_CONFIG := :4096:8
 NOTEBOOKS := $(sort $(wildcard book/[0-9][0-9]_*.ipynb))
 STAMP     := $(VENV)/.qbook-installed
 
-.PHONY: help venv book test test-portable unit nbval notebooks notebook lint clean
+.PHONY: help venv book test test-portable unit nbval notebooks notebook lint dist clean
 
 help:
 	@echo "make book       build the book into _build/html (creates $(VENV) on first use)"
@@ -76,6 +76,13 @@ notebook: notebooks
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qbook tests benchmarks book
+
+# A wheel and an sdist of the package in dist/, built offline with the environment's setuptools.
+dist: $(STAMP)
+	rm -rf build dist
+	$(PY) -m build --no-isolation --outdir dist .
+	@echo
+	@echo "Install the package from the wheel:  pip install $$(ls dist/*.whl)"
 
 clean:
 	rm -rf _build .pytest_cache .hypothesis
