@@ -21,7 +21,7 @@ export CUBLAS_WORKSPACE_CONFIG := :4096:8
 NOTEBOOKS := $(sort $(wildcard book/[0-9][0-9]_*.ipynb))
 STAMP     := $(VENV)/.qbook-installed
 
-.PHONY: help venv book test test-portable unit nbval notebooks notebook lint dist clean
+.PHONY: help venv book test test-portable bench-cpu unit nbval notebooks notebook lint dist clean
 
 help:
 	@echo "make book       build the book into _build/html (creates $(VENV) on first use)"
@@ -60,6 +60,17 @@ test-portable: $(STAMP)
 	    ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads MKL_NUM_THREADS=$$threads \
 	        $(PY) -m pytest -q -n 2 --dist loadfile book --nbval --nbval-current-env; \
 	done
+
+# CPU speed of qbook against its peers (benchmarks/bench_cpu.py). torchao is one peer; it lives in a separate venv
+# that sees the project's packages through a .pth file, because transformers imports torchao whenever it is
+# installed and its import prints to stderr inside the notebooks.
+BENCH_VENV ?= .venv-bench
+bench-cpu: $(STAMP)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+	    "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/qbook-project-venv.pth"
+	$(BENCH_VENV)/bin/python -c "import torchao" 2>/dev/null || $(BENCH_VENV)/bin/pip install --quiet "torchao==0.18.0"
+	$(BENCH_VENV)/bin/python benchmarks/bench_cpu.py $(ARGS)
 
 unit: $(STAMP)
 	$(PY) -m pytest -n 2 qbook tests
