@@ -69,6 +69,7 @@ bench-cpu: $(STAMP)
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
 	    "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/qbook-project-venv.pth"
+	echo "$(CURDIR)" > "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/qbook-checkout.pth"
 	$(BENCH_VENV)/bin/python -c "import torchao" 2>/dev/null || $(BENCH_VENV)/bin/pip install --quiet "torchao==0.18.0"
 	$(BENCH_VENV)/bin/python benchmarks/bench_cpu.py $(ARGS)
 
