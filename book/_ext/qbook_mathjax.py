@@ -13,8 +13,11 @@ they mark (class ``math``) and skips the pages' ``mathjax_ignore`` sections. Equ
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 from pathlib import Path
+
+from docutils import nodes
 
 #: qbook_math.css: display math wider than the page scrolls instead of being cut off.
 STATIC = Path(__file__).parent / "static"
@@ -65,6 +68,38 @@ def _config_inited(app, config) -> None:
         config.html_static_path = [*config.html_static_path, str(STATIC)]
 
 
+#: A display equation that lays itself out: its own environment (aligned, cases, ...) or a \tag.
+OWN_LAYOUT = re.compile(r"\\begin\{|\\tag\b")
+
+
+def _display_math_as_written(renderer):
+    """Wrap a display-math renderer: an equation that lays itself out is passed to MathJax as written.
+
+    Sphinx wraps a display equation that contains ``\\\\`` in ``\\begin{split}``. That breaks equations like
+    ``\\begin{aligned} a &= b \\\\ c &= d \\end{aligned} \\tag{3.3}``: MathJax 3 refuses a ``\\tag`` inside
+    ``split`` and renders an error instead of the equation.
+    """
+
+    def visit(self, node) -> None:
+        numbered_or_raw = node.get("nowrap") or node.get("number") or "amsmath" in node.get("classes", [])
+        if numbered_or_raw or not OWN_LAYOUT.search(node.astext()):
+            return renderer(self, node)
+        self.body.append(self.starttag(node, "div", CLASS="math notranslate nohighlight"))
+        prefix, suffix = self.builder.config.mathjax_display
+        self.body.append(prefix + self.encode(node.astext()) + suffix + "</div>\n")
+        raise nodes.SkipNode
+
+    return visit
+
+
+def _builder_inited(app) -> None:
+    # After MyST's own override of the same renderer (builder-inited, priority 500).
+    renderers = app.registry.html_block_math_renderers
+    if "mathjax" in renderers:
+        visit, depart = renderers["mathjax"]
+        renderers["mathjax"] = (_display_math_as_written(visit), depart)
+
+
 def _ignore(directory: str, names: list[str]) -> list[str]:
     """Copy one combined component and what it loads on demand; skip the other combined builds."""
     if Path(directory).name != "es5":
@@ -82,6 +117,7 @@ def _copy(app, exception) -> None:
 def setup(app):
     _source()  # fail early, with a clear message, if MathJax is not installed
     app.connect("config-inited", _config_inited, priority=900)
+    app.connect("builder-inited", _builder_inited, priority=900)
     app.connect("build-finished", _copy)
     app.add_css_file("qbook_math.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}
