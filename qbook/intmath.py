@@ -213,12 +213,14 @@ def int_matmul(
 
     ``a`` (M, K) and ``b`` (K, N) are integer tensors (int8, uint8, int16, int32, or int64 holding int32
     values). A zero point is a scalar, per row of ``a`` ((M,) or (M, 1)) or per column of ``b``
-    ((N,) or (1, N)). The sum is computed exactly in int64 and narrowed to int32; if the exact result does
-    not fit int32 this raises ``OverflowError`` — it never wraps around silently (chapter 9).
+    ((N,) or (1, N)). The result is exact; if it does not fit int32 this raises ``OverflowError`` — it
+    never wraps around silently (chapter 9). It equals :func:`int_matmul_reference` bit for bit.
 
-    int8 CUDA tensors with zero zero points and ``K <= max_safe_k(8, 8)`` (where no int32 overflow is
-    possible) go to the Triton kernel ``qbook.kernels.int8_matmul`` of chapter 10; every other input is
-    computed exactly on the CPU and returned on the input's device.
+    How: int8 and uint8 CPU operands (uint8 shifted by 128 into int8, the shift moved into the zero point)
+    go through ``torch._int_mm`` and the zero points through the rank-1 corrections of (4.4)
+    (:func:`_int_matmul_int8`). int8 CUDA tensors with zero zero points and ``K <= max_safe_k(8, 8)`` go to
+    the Triton kernel ``qbook.kernels.int8_matmul`` of chapter 10. Every other input is computed exactly
+    in int64 on the CPU and returned on the input's device.
 
     >>> import torch
     >>> a = torch.tensor([[-128, 127]], dtype=torch.int8)     # (M, K) = (1, 2)
@@ -229,15 +231,23 @@ def int_matmul(
     tensor([[0]], dtype=torch.int32)
     """
     M, K, N = _check_matmul(a, b)
-    za = _zero_point(a_zero_point, M, "a")  # () or (M, 1)
-    zb = _zero_point(b_zero_point, N, "b")  # () or (1, N)
+    za = _zero_point_value(a_zero_point, M, "a")  # int, or (M, 1) int64
+    zb = _zero_point_value(b_zero_point, N, "b")  # int, or (1, N) int64
+    if a.is_cpu and a.dtype in _INT8_DTYPES and b.dtype in _INT8_DTYPES and _int_mm_on_cpu():
+        acc = _int_matmul_int8(a, b, za, zb)
+        if acc is not None:
+            return acc
+    if isinstance(za, int):
+        za = torch.tensor(za, dtype=torch.int64)
+    if isinstance(zb, int):
+        zb = torch.tensor(zb, dtype=torch.int64)
     if (
         a.is_cuda
         and a.dtype == torch.int8
         and b.dtype == torch.int8
         and _is_zero(za)
         and _is_zero(zb)
-        and 1 <= K <= max_safe_k(8, 8)
+        and 1 <= K <= _K_MAX_INT8
         and min(M, N) >= 1
     ):
         from qbook.kernels import int8_matmul
@@ -247,6 +257,89 @@ def int_matmul(
     b_centered = b.cpu().to(torch.int64) - zb  # (K, N)
     acc = _exact_matmul(a_centered, b_centered)  # (M, N) int64
     return _to_int32(acc, f"int_matmul (M, K, N) = ({M}, {K}, {N})").to(a.device)
+
+
+_INT8_DTYPES = (torch.int8, torch.uint8)
+#: The largest K at which a sum of int8 x int8 products cannot leave int32: (2^31 - 1) // 128^2 (9.2).
+_K_MAX_INT8 = INT32_MAX // (128 * 128)
+_int_mm_cpu: bool | None = None
+
+
+def _int_mm_on_cpu() -> bool:
+    """Whether this torch build has ``torch._int_mm`` for CPU tensors (probed once, on a 1 x 1 product)."""
+    global _int_mm_cpu
+    if _int_mm_cpu is None:
+        one = torch.ones(1, 1, dtype=torch.int8)
+        try:
+            _int_mm_cpu = int(torch._int_mm(one, one)) == 1
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _int_mm_cpu = False
+    return _int_mm_cpu
+
+
+def _zero_point_value(zero_point: object, n: int, side: Literal["a", "b"]) -> int | torch.Tensor:
+    """A checked zero point: a Python int, or an int64 tensor (M, 1) for ``a`` / (1, N) for ``b``."""
+    if type(zero_point) is int and INT32_MIN <= zero_point <= INT32_MAX:
+        return zero_point
+    zp = _zero_point(zero_point, n, side)
+    return int(zp) if zp.ndim == 0 else zp
+
+
+def _int_matmul_int8(
+    a: torch.Tensor, b: torch.Tensor, a_zero_point: int | torch.Tensor, b_zero_point: int | torch.Tensor
+) -> torch.Tensor | None:
+    """(4.4) with ``torch._int_mm``: the int8 product, then the zero points as rank-1 corrections.
+
+    ``a`` (M, K) and ``b`` (K, N) are int8 or uint8; a uint8 operand is shifted into int8 (``q - 128``,
+    one xor of the top bit) and its zero point by the same 128, which leaves ``q - z`` unchanged. Then
+
+        ``acc = a @ b - zb * a_row_sums - za * (b_col_sums - K * zb)``                      (4.4)
+
+    ``_int_mm`` is exact for ``K <= 131071``: every partial sum is at most ``128^2 K < 2^31``. The corrections
+    are exact in int32 whenever ``K (128 + |za|)(128 + |zb|) <= 2^31 - 1``, because that bounds the sum of
+    the absolute values of all four terms of (4.4) — so no partial result, in any order, leaves int32, and
+    the result needs no check. Past that bound they are computed in int64 and the result is checked (the
+    same bound, below 2^63, keeps int64 exact). Returns None where neither holds (the caller falls back).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if K > _K_MAX_INT8 or M == 0 or N == 0 or K == 0:
+        return None
+    za, zb = a_zero_point, b_zero_point
+    if a.dtype == torch.uint8:
+        a, za = (a ^ 128).view(torch.int8), za - 128  # q - 128 in int8: flip the top bit
+    if b.dtype == torch.uint8:
+        b, zb = (b ^ 128).view(torch.int8), zb - 128
+    za_nonzero = not isinstance(za, int) or za != 0
+    zb_nonzero = not isinstance(zb, int) or zb != 0
+    if not (za_nonzero or zb_nonzero):
+        return torch._int_mm(a, b)  # (M, N) int32, exact
+    bound = K * (128 + (abs(za) if isinstance(za, int) else _absmax(za)))
+    bound *= 128 + (abs(zb) if isinstance(zb, int) else _absmax(zb))
+    if bound >= 2**63:
+        return None
+    dtype = torch.int32 if bound <= INT32_MAX else torch.int64
+    if za_nonzero:  # one more row of ones gives the column sums of b in the same pass over b
+        ab_and_sums = torch._int_mm(torch.nn.functional.pad(a, (0, 0, 0, 1), value=1), b)  # (M + 1, N)
+        ab, b_col_sums = ab_and_sums[:M], ab_and_sums[M:]  # (M, N), (1, N)
+        correction = torch.sub(K * zb, b_col_sums.to(dtype))  # (1, N): K zb - sum_k b_kj
+    else:
+        ab = torch._int_mm(a, b)  # (M, N)
+    acc = ab.to(dtype)  # int32: ab itself, a new tensor from _int_mm, updated in place below
+    if zb_nonzero:
+        a_row_sums = a.sum(dim=1, keepdim=True, dtype=dtype)  # (M, 1)
+        if isinstance(zb, int):
+            acc.sub_(a_row_sums, alpha=zb)
+        else:
+            acc.addcmul_(a_row_sums, zb.to(dtype), value=-1)
+    if za_nonzero:
+        if isinstance(za, int):
+            acc.add_(correction, alpha=za)
+        else:
+            acc.addcmul_(za.to(dtype), correction)
+    if dtype == torch.int64:
+        return _to_int32(acc, f"int_matmul (M, K, N) = ({M}, {K}, {N})")
+    return acc
 
 
 def int_matmul_reference(

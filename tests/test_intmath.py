@@ -756,3 +756,77 @@ def test_int_matmul_equals_the_reference(dtype: torch.dtype) -> None:
         expected = intmath.int_matmul_reference(a, b, a_zp, b_zp)
         assert expected.dtype == torch.int64
         assert torch.equal(int_matmul(a, b, a_zp, b_zp), expected.to(torch.int32))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fast path through torch._int_mm (issue 9) equals the reference
+# --------------------------------------------------------------------------------------------------------
+
+ZERO_POINT_KINDS = ["zero", "small", "per-channel", "large", "huge"]
+
+
+def _zero_points(kind: str, M: int, N: int, gen: torch.Generator) -> tuple[object, object]:
+    if kind == "zero":
+        return 0, 0
+    if kind == "small":
+        return 5, -3
+    if kind == "per-channel":
+        return _randint(gen, -200, 255, (M,), torch.int32), _randint(gen, -128, 255, (1, N), torch.int64)
+    if kind == "large":  # past the int32 bound of the corrections: the int64 tier
+        return 2**20 + 1, -(2**19)
+    return torch.tensor(INT32_MAX), INT32_MIN  # results out of int32 (OverflowError) unless K is tiny
+
+
+@pytest.mark.parametrize("a_dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("b_dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("kind", ZERO_POINT_KINDS)
+def test_int_mm_path_equals_the_reference(a_dtype: torch.dtype, b_dtype: torch.dtype, kind: str) -> None:
+    gen = torch.Generator().manual_seed(len(kind))
+    for M, K, N in ((1, 1, 1), (1, 384, 5), (7, 33, 65), (33, 5, 3)):
+        lo_a, hi_a = (0, 255) if a_dtype == torch.uint8 else (-128, 127)
+        lo_b, hi_b = (0, 255) if b_dtype == torch.uint8 else (-128, 127)
+        a, b = _randint(gen, lo_a, hi_a, (M, K), a_dtype), _randint(gen, lo_b, hi_b, (K, N), b_dtype)
+        za, zb = _zero_points(kind, M, N, gen)
+        exact = ref_matmul(a, b, za, zb) if kind == "huge" else intmath.int_matmul_reference(
+            a, b, torch.as_tensor(za).reshape(-1, 1), torch.as_tensor(zb).reshape(1, -1)).tolist()
+        if all(INT32_MIN <= v <= INT32_MAX for row in exact for v in row):
+            assert torch.equal(int_matmul(a, b, za, zb), torch.tensor(exact, dtype=torch.int32))
+        else:
+            with pytest.raises(OverflowError):
+                int_matmul(a, b, za, zb)
+
+
+def test_int_mm_path_is_taken_and_the_fallback_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = _randint(gen, 0, 255, (9, 40), torch.uint8)
+    b = _randint(gen, -128, 127, (40, 6), torch.int8)
+    calls = []
+    int_mm = torch._int_mm
+
+    def spy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append((x.dtype, tuple(x.shape)))
+        return int_mm(x, y)
+
+    assert intmath._int_mm_on_cpu()  # probed before the spy goes in
+    monkeypatch.setattr(torch, "_int_mm", spy)
+    fast = [int_matmul(a, b, za, zb) for za, zb in ((0, 0), (128, 0), (3, 0), (128, 7), (3, 7))]
+    # uint8 a is shifted by 128: only za = 128 needs no column sums of b (no extra row of ones)
+    assert calls == [(torch.int8, (10, 40)), (torch.int8, (9, 40)), (torch.int8, (10, 40)),
+                     (torch.int8, (9, 40)), (torch.int8, (10, 40))]  # fmt: skip
+    monkeypatch.setattr(intmath, "_int_mm_cpu", False)  # a torch without the CPU kernel
+    slow = [int_matmul(a, b, za, zb) for za, zb in ((0, 0), (128, 0), (3, 0), (128, 7), (3, 7))]
+    assert len(calls) == 5 and all(torch.equal(x, y) for x, y in zip(fast, slow, strict=True))
+
+
+def test_int_mm_path_overflow_bound_is_exact() -> None:
+    """K (128 + |za|)(128 + |zb|) decides int32 or int64 corrections; both give the exact answer or raise."""
+    a_col = torch.full((2, 33000), -128, dtype=torch.int8)
+    b_col = torch.full((33000, 3), 127, dtype=torch.int8)
+    assert 33000 * 255 * 256 > INT32_MAX  # the int64 tier ...
+    got = int_matmul(a_col, b_col, a_zero_point=127, b_zero_point=-128)
+    assert torch.equal(got, torch.full((2, 3), 33000 * -255 * 255, dtype=torch.int32))  # ... and it fits
+    assert 16000 * 255 * 256 <= INT32_MAX  # the int32 tier, no check needed
+    got = int_matmul(a_col[:, :16000], b_col[:16000], a_zero_point=127, b_zero_point=-128)
+    assert torch.equal(got, torch.full((2, 3), 16000 * -255 * 255, dtype=torch.int32))
+    with pytest.raises(OverflowError, match="does not fit int32"):
+        int_matmul(torch.cat([a_col, a_col], 1), torch.cat([b_col, b_col]), 127, -128)

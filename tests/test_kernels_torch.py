@@ -78,3 +78,49 @@ def test_cpu_overflow_beyond_k_max_raises() -> None:
     a = torch.full((1, K_MAX + 1), -128, dtype=torch.int8)
     with pytest.raises(OverflowError, match="int32"):
         int8_matmul(a, a.T, backend="torch")
+
+
+def test_cpu_path_uses_int_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU backend="torch" is torch._int_mm plus the epilogue (issue 9), not a float64 GEMM."""
+    from qbook.intmath import _int_mm_on_cpu
+
+    assert _int_mm_on_cpu()
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda x, y: calls.append(x.shape) or int_mm(x, y))
+    a, b = _operands(3, 5, 2)
+    int8_matmul(a, b, backend="torch")
+    int8_matmul(a, b, 0.5, 0.25, backend="auto")
+    assert calls == [(3, 5), (3, 5)]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_epilogue_is_the_float32_composition(
+    out_dtype: torch.dtype, per_channel: bool, with_bias: bool
+) -> None:
+    """(10.2) in float32, in the kernel's order: acc * a_scale, then * b_scale, then + bias, then the cast."""
+    M, K, N = 17, 300, 9
+    a, b = _operands(M, K, N, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    a_scale = torch.rand(M, generator=gen) / 100 + 1e-4 if per_channel else 0.0123
+    b_scale = torch.rand(N, generator=gen) / 100 + 1e-4 if per_channel else 0.0456
+    bias = torch.randn(N, generator=gen) if with_bias else None
+    y = int8_matmul(a, b, a_scale, b_scale, bias, out_dtype=out_dtype, backend="torch")
+    acc = (a.long() @ b.long()).float()
+    expected = acc * torch.as_tensor(a_scale, dtype=torch.float32).reshape(-1, 1)
+    expected = expected * torch.as_tensor(b_scale, dtype=torch.float32).reshape(1, -1)
+    if bias is not None:
+        expected = expected + bias
+    assert torch.equal(y, expected.to(out_dtype))
+
+
+def test_cpu_requantize_is_the_float32_composition() -> None:
+    M, K, N = 5, 64, 7
+    a, b = _operands(M, K, N, seed=9)
+    a_scale, b_scale, bias = torch.full((M,), 0.02), torch.linspace(0.01, 0.03, N), torch.linspace(-1, 1, N)
+    q = int8_matmul(a, b, a_scale, b_scale, bias, backend="torch", out_scale=0.37, out_zero_point=-3)
+    y = (a.long() @ b.long()).float() * a_scale[:, None] * b_scale[None, :] + bias
+    expected = (torch.round(y / torch.tensor(0.37)) - 3).clamp(-128, 127).to(torch.int8)
+    assert q.dtype == torch.int8 and torch.equal(q, expected)

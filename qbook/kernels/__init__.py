@@ -15,6 +15,7 @@ The Triton kernel runs on CUDA tensors, or on the CPU in Triton's interpreter wh
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -53,6 +54,9 @@ class Epilogue:
     bias: torch.Tensor | None = None
     out_scale: float = 1.0
     out_zero_point: int = 0
+
+
+_INT32_EPILOGUE = Epilogue("int32", torch.int32)
 
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
@@ -125,7 +129,7 @@ def _make_epilogue(
             raise ValueError("bias and out_scale need a_scale and b_scale: they act on y (10.2)")
         if out_dtype not in (None, torch.int32):
             raise ValueError(f"without scales the output is the int32 product, got out_dtype={out_dtype}")
-        return Epilogue("int32", torch.int32)
+        return _INT32_EPILOGUE
     scales = {
         "a_scale": _as_vector(a_scale, "a_scale", M, 0, device),
         "b_scale": _as_vector(b_scale, "b_scale", N, 1, device),
@@ -160,8 +164,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # about 0.2 ms: looked up once per process
+
+
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _triton_installed()
 
 
 def _choose_backend(backend: str, a: torch.Tensor, b: torch.Tensor) -> str:
@@ -217,9 +226,9 @@ def int8_matmul(
     scales raise ``ValueError`` (a zero scale would silently map every output to the bias).
 
     ``backend="triton"`` runs the Triton kernel with the epilogue fused (CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``); ``"torch"`` runs ``torch._int_mm`` (cuBLASLt) where it accepts the shape and an
-    exact float64 product elsewhere (the CPU, M <= 16, K or N not a multiple of 8), then the epilogue as
-    separate operations; ``"auto"`` takes the kernel on CUDA and the torch path otherwise. Both backends
+    ``TRITON_INTERPRET=1``); ``"torch"`` runs ``torch._int_mm`` where it accepts the shape (on the CPU any
+    shape with ``K <= K_MAX``; on CUDA, cuBLASLt's M > 16 and K, N multiples of 8) and an exact float64
+    product elsewhere, then the epilogue as separate operations; ``"auto"`` takes the kernel on CUDA and the torch path otherwise. Both backends
     give bit-identical results, since the epilogue uses the same float32 operations in the same order
     (except that Triton's CPU interpreter truncates float32 to bfloat16 where a GPU rounds to nearest).
 

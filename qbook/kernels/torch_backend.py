@@ -1,5 +1,6 @@
-"""The ``backend="torch"`` path of :func:`qbook.kernels.int8_matmul`: cuBLASLt or an exact fallback, then the
-epilogue as separate elementwise operations (chapter 10).
+"""The ``backend="torch"`` path of :func:`qbook.kernels.int8_matmul`: ``torch._int_mm`` (cuBLASLt on CUDA,
+oneDNN/fbgemm on the CPU) or an exact fallback, then the epilogue as separate elementwise operations
+(chapter 10).
 
 This is also the unfused baseline of the chapter's benchmark: ``torch._int_mm`` writes the int32 product to
 memory and the dequantization reads it back.
@@ -11,14 +12,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qbook.intmath import _int_mm_on_cpu
+
 if TYPE_CHECKING:
     from . import Epilogue
 
 __all__ = [
     "INT32_MAX", "INT32_MIN", "apply_epilogue", "exact_int8_matmul", "int8_matmul_torch", "int_mm_allowed",
+    "int_mm_cpu_allowed",
 ]  # fmt: skip
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+_K_MAX = INT32_MAX // (128 * 128)  # = qbook.kernels.K_MAX: no int8 product of this depth leaves int32
 
 
 def int_mm_allowed(M: int, N: int, K: int, device: torch.device) -> bool:
@@ -28,6 +33,17 @@ def int_mm_allowed(M: int, N: int, K: int, device: torch.device) -> bool:
     False
     """
     return device.type == "cuda" and M > 16 and K % 8 == 0 and N % 8 == 0
+
+
+def int_mm_cpu_allowed(K: int) -> bool:
+    """Whether ``torch._int_mm`` gives the exact product of int8 CPU matrices: any M, N >= 1 and any strides
+    (checked for torch 2.13 on every M, K, N up to 33 and on the extremes), while ``K <= K_MAX = 131071``,
+    where no partial sum can leave int32 — and this torch build has the CPU kernel.
+
+    >>> int_mm_cpu_allowed(4096), int_mm_cpu_allowed(131072)
+    (True, False)
+    """
+    return K <= _K_MAX and _int_mm_on_cpu()
 
 
 def exact_int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,24 +77,23 @@ def apply_epilogue(acc: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
     """
     if epilogue.kind == "int32":
         return acc
-    y = acc.to(torch.float32) * epilogue.a_scale.reshape(-1, 1) * epilogue.b_scale.reshape(1, -1)  # (M, N)
+    y = acc.to(torch.float32)  # (M, N), a new tensor: the operations below work in place, in this order
+    y.mul_(epilogue.a_scale.reshape(-1, 1)).mul_(epilogue.b_scale.reshape(1, -1))
     if epilogue.bias is not None:
-        y = y + epilogue.bias.reshape(1, -1)
+        y.add_(epilogue.bias.reshape(1, -1))
     if epilogue.kind == "dequantize":
         return y.to(epilogue.out_dtype)
     # A tensor divisor, not a Python number: CUDA PyTorch divides by a scalar as a multiplication by its
     # reciprocal, which can differ from the IEEE quotient in the last bit.
     out_scale = torch.tensor(epilogue.out_scale, dtype=torch.float32, device=y.device)
-    q = torch.round(y / out_scale) + epilogue.out_zero_point
-    return q.clamp(-128, 127).to(torch.int8)
+    y.div_(out_scale).round_().add_(epilogue.out_zero_point)
+    return y.clamp_(-128, 127).to(torch.int8)
 
 
 def int8_matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
     """``torch._int_mm`` where its shape rules allow and no overflow is possible, else the exact fallback."""
-    from . import K_MAX
-
     (M, K), N = a.shape, b.shape[1]
-    if int_mm_allowed(M, N, K, a.device) and K <= K_MAX:
+    if (a.is_cpu and int_mm_cpu_allowed(K)) or (int_mm_allowed(M, N, K, a.device) and K <= _K_MAX):
         acc = torch._int_mm(a, b)
     else:
         acc = exact_int8_matmul(a, b)
