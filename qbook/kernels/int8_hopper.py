@@ -8,8 +8,8 @@ The algorithm is that of the portable kernel (``int8_triton``), with four change
    weight ``W = B.T`` (N, K) row-major, as ``nn.Linear`` stores it. Out-of-bounds parts of a tile read as
    zeros and are not written, so no masks are needed anywhere.
 2. **Persistent.** One program per SM, each walking the tiles ``pid, pid + P, pid + 2P, ...`` of ``C`` in the
-   grouped order of :func:`qbook.kernels.int8_triton.tile_order`; one program's epilogue overlaps the next
-   tile's first loads, and no launch waves are left half empty.
+   grouped order of :func:`qbook.kernels.int8_triton.tile_order`: no launch wave is left half empty, and the
+   producer can fetch the next tile's first slabs while the consumers finish the last tile's epilogue.
 3. **Warp specialisation.** ``tl.range(..., warp_specialize=True)`` splits the program into a producer
    warpgroup that only issues TMA loads into a ring of ``num_stages`` shared-memory buffers and two consumer
    warpgroups of 4 warps that only issue ``wgmma`` on 64 rows each (``setmaxnreg`` moves registers from the

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime.cache import get_cache_manager
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from .int8_decode import _int8_decode_kernel, decode_configs
@@ -88,8 +90,7 @@ def compile_kernel(
         config = configs(arch, name)[0]
         config = dataclasses.replace(config, BLOCK_M=8) if name == "decode" else config
     out_dtype = out_dtype or _DEFAULT_OUT[epilogue]
-    fn = _KERNELS[name]
-    fn = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+    fn = _compilable(_KERNELS[name])
     flags = {"EPILOGUE": epilogue, "HAS_BIAS": True, "INDEX_64": False, "WARP_SPECIALIZE": True}
     signature, constexprs = {}, {**flags, **config.meta}
     for arg in fn.arg_names:
@@ -119,6 +120,17 @@ def compile_kernel(
     if "Used" in log.getvalue():
         _store_usage(compiled, log.getvalue())
     return compiled
+
+
+@functools.cache
+def _compilable(kernel: JITFunction | InterpretedFunction) -> JITFunction:
+    """``kernel`` for the compiler, also where ``TRITON_INTERPRET=1`` made it or its helpers interpreted:
+    a ``JITFunction`` of the kernel's code, run with a copy of its module's globals in which every
+    interpreted function is a ``JITFunction`` again (the mirror of ``int8_triton.interpreted``)."""
+    fn = kernel.fn
+    env = {name: JITFunction(value.fn) if isinstance(value, InterpretedFunction) else value
+           for name, value in fn.__globals__.items()}  # fmt: skip
+    return JITFunction(types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__))
 
 
 @functools.cache
