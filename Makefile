@@ -28,6 +28,8 @@ help:
 	@echo "make test       run all tests: unit tests, doctests and nbval over every notebook"
 	@echo "make test-portable  nbval under other CPU kernel sets and thread counts (PORTABLE=\"default:1 avx2:2\")"
 	@echo "make notebooks  re-execute every notebook in place (NB=book/03_x.ipynb for one)"
+	@echo "make dist       build a wheel and an sdist of the package into dist/"
+	@echo "make bench-cpu  qbook's CPU primitives against their peers (benchmarks/bench_cpu.py; ARGS=...)"
 	@echo "make lint       ruff over the package, tests, benchmarks and notebooks"
 
 venv: $(STAMP)
