@@ -316,11 +316,7 @@ def launch(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue, kernel: str | N
     M, N = a.shape[0], b.shape[1]
     c = torch.empty((M, N), dtype=epilogue.out_dtype, device=a.device)
     arch = 90 if interpreting() else _arch(a.device)
-    kernel = kernel or choose_kernel(a, b, c, arch)
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "decode" and M > 16:
-        raise ValueError(f"the decode kernel takes M <= 16 rows, got M = {M}")
+    kernel = _check_kernel(kernel, M) if kernel else choose_kernel(a, b, c, arch)
     a_scale, b_scale = epilogue.a_scale, epilogue.b_scale
     args = (
         a_scale, b_scale, epilogue.bias,
@@ -340,6 +336,14 @@ def launch(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue, kernel: str | N
     else:
         _launch_gemm(a, b, c, args, options, arch)
     return c
+
+
+def _check_kernel(kernel: str, M: int) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "decode" and M > 16:
+        raise ValueError(f"the decode kernel takes M <= 16 rows, got M = {M}")
+    return kernel
 
 
 def _launch_gemm(
