@@ -149,23 +149,27 @@ def _absmax(x: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_matmul(a: object, b: object) -> tuple[int, int, int]:
-    a = _check_integer_tensor(a, "a")
-    b = _check_integer_tensor(b, "b")
+def _check_matmul(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
+    """``(M, K, N)`` of two integer matrices on one device (int64 ones holding int32 values)."""
+    if not (isinstance(a, torch.Tensor) and a.dtype in _INTEGER_DTYPES):
+        _check_integer_tensor(a, "a")
+    if not (isinstance(b, torch.Tensor) and b.dtype in _INTEGER_DTYPES):
+        _check_integer_tensor(b, "b")
     if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(
-            f"a and b must be matrices (M, K) and (K, N), got shapes {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if a.shape[1] != b.shape[0]:
+        shapes = f"{tuple(a.shape)} and {tuple(b.shape)}"
+        raise ValueError(f"a and b must be matrices (M, K) and (K, N), got shapes {shapes}")
+    (M, K), (K_b, N) = a.shape, b.shape
+    if K != K_b:
         raise ValueError(
             f"inner dimensions differ: a is {tuple(a.shape)} (M, K) but b is {tuple(b.shape)} (K, N)"
         )
-    if a.device != b.device:
+    if not (a.is_cpu and b.is_cpu) and a.device != b.device:
         raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
-    for x, name in ((a, "a"), (b, "b")):
-        if x.dtype == torch.int64:
-            _check_int32_values(x, name)
-    return a.shape[0], a.shape[1], b.shape[1]
+    if a.dtype is torch.int64:
+        _check_int32_values(a, "a")
+    if b.dtype is torch.int64:
+        _check_int32_values(b, "b")
+    return M, K, N
 
 
 def _zero_point(zero_point: object, n: int, side: Literal["a", "b"]) -> torch.Tensor:
@@ -234,7 +238,7 @@ def int_matmul(
     za = _zero_point_value(a_zero_point, M, "a")  # int, or (M, 1) int64
     zb = _zero_point_value(b_zero_point, N, "b")  # int, or (1, N) int64
     if a.is_cpu and a.dtype in _INT8_DTYPES and b.dtype in _INT8_DTYPES and _int_mm_on_cpu():
-        acc = _int_matmul_int8(a, b, za, zb)
+        acc = _int_matmul_int8(a, b, za, zb, M, K, N)
         if acc is not None:
             return acc
     if isinstance(za, int):
@@ -286,14 +290,20 @@ def _zero_point_value(zero_point: object, n: int, side: Literal["a", "b"]) -> in
 
 
 def _int_matmul_int8(
-    a: torch.Tensor, b: torch.Tensor, a_zero_point: int | torch.Tensor, b_zero_point: int | torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_zero_point: int | torch.Tensor,
+    b_zero_point: int | torch.Tensor,
+    M: int,
+    K: int,
+    N: int,
 ) -> torch.Tensor | None:
     """(4.4) with ``torch._int_mm``: the int8 product, then the zero points as rank-1 corrections.
 
     ``a`` (M, K) and ``b`` (K, N) are int8 or uint8; a uint8 operand is shifted into int8 (``q - 128``,
     one xor of the top bit) and its zero point by the same 128, which leaves ``q - z`` unchanged. Then
 
-        ``acc = a @ b - zb * a_row_sums - za * (b_col_sums - K * zb)``                      (4.4)
+        ``acc = a @ b - zb * (a_row_sums - K * za) - za * b_col_sums``                      (4.4)
 
     ``_int_mm`` is exact for ``K <= 131071``: every partial sum is at most ``128^2 K < 2^31``. The corrections
     are exact in int32 whenever ``K (128 + |za|)(128 + |zb|) <= 2^31 - 1``, because that bounds the sum of
@@ -301,8 +311,6 @@ def _int_matmul_int8(
     the result needs no check. Past that bound they are computed in int64 and the result is checked (the
     same bound, below 2^63, keeps int64 exact). Returns None where neither holds (the caller falls back).
     """
-    M, K = a.shape
-    N = b.shape[1]
     if K > _K_MAX_INT8 or M == 0 or N == 0 or K == 0:
         return None
     za, zb = a_zero_point, b_zero_point
@@ -320,23 +328,24 @@ def _int_matmul_int8(
         return None
     dtype = torch.int32 if bound <= INT32_MAX else torch.int64
     if za_nonzero:  # one more row of ones gives the column sums of b in the same pass over b
-        ab_and_sums = torch._int_mm(torch.nn.functional.pad(a, (0, 0, 0, 1), value=1), b)  # (M + 1, N)
+        ab_and_sums = torch._int_mm(torch.constant_pad_nd(a, (0, 0, 0, 1), 1), b)  # (M + 1, N)
         ab, b_col_sums = ab_and_sums[:M], ab_and_sums[M:]  # (M, N), (1, N)
-        correction = torch.sub(K * zb, b_col_sums.to(dtype))  # (1, N): K zb - sum_k b_kj
     else:
         ab = torch._int_mm(a, b)  # (M, N)
     acc = ab.to(dtype)  # int32: ab itself, a new tensor from _int_mm, updated in place below
-    if zb_nonzero:
-        a_row_sums = a.sum(dim=1, keepdim=True, dtype=dtype)  # (M, 1)
+    if not isinstance(za, int):
+        za = za.to(dtype)
+    if zb_nonzero:  # - zb * (sum_k a_ik - K za): the row sums and the constant K za zb in one pass
+        a_terms = a.sum(dim=1, keepdim=True, dtype=dtype) - K * za  # (M, 1)
         if isinstance(zb, int):
-            acc.sub_(a_row_sums, alpha=zb)
+            acc.sub_(a_terms, alpha=zb)
         else:
-            acc.addcmul_(a_row_sums, zb.to(dtype), value=-1)
-    if za_nonzero:
+            acc.addcmul_(a_terms, zb.to(dtype), value=-1)
+    if za_nonzero:  # - za * sum_k b_kj
         if isinstance(za, int):
-            acc.add_(correction, alpha=za)
+            acc.sub_(b_col_sums, alpha=za)
         else:
-            acc.addcmul_(za.to(dtype), correction)
+            acc.addcmul_(za, b_col_sums.to(dtype), value=-1)
     if dtype == torch.int64:
         return _to_int32(acc, f"int_matmul (M, K, N) = ({M}, {K}, {N})")
     return acc

@@ -66,7 +66,7 @@ def test_cpu_int32_product_is_exact(M: int, K: int, N: int) -> None:
     assert torch.equal(int8_matmul(a, b, backend="torch"), (a.long() @ b.long()).int())
 
 
-@pytest.mark.parametrize(("va", "vb"), [(-128, -128), (-128, 127), (127, 127)])
+@pytest.mark.parametrize(("va", "vb"), [(-128, -128), (-128, 127), (127, -128), (127, 127)])
 def test_cpu_extremes_at_k_max(va: int, vb: int) -> None:
     a = torch.full((2, K_MAX), va, dtype=torch.int8)
     b = torch.full((K_MAX, 3), vb, dtype=torch.int8)

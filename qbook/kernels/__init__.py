@@ -60,6 +60,17 @@ _INT32_EPILOGUE = Epilogue("int32", torch.int32)
 
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.dtype is torch.int8
+        and b.dtype is torch.int8
+        and a.ndim == 2
+        and b.ndim == 2
+    ):  # the common case, checked with as few operations as possible
+        (M, K), (K_b, N) = a.shape, b.shape
+        if M and K and N and K == K_b and ((a.is_cpu and b.is_cpu) or a.device == b.device):
+            return M, N, K
     for name, x in (("a", a), ("b", b)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -228,9 +239,10 @@ def int8_matmul(
     ``backend="triton"`` runs the Triton kernel with the epilogue fused (CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``); ``"torch"`` runs ``torch._int_mm`` where it accepts the shape (on the CPU any
     shape with ``K <= K_MAX``; on CUDA, cuBLASLt's M > 16 and K, N multiples of 8) and an exact float64
-    product elsewhere, then the epilogue as separate operations; ``"auto"`` takes the kernel on CUDA and the torch path otherwise. Both backends
-    give bit-identical results, since the epilogue uses the same float32 operations in the same order
-    (except that Triton's CPU interpreter truncates float32 to bfloat16 where a GPU rounds to nearest).
+    product elsewhere, then the epilogue as separate operations; ``"auto"`` takes the kernel on CUDA and the
+    torch path otherwise. Both backends give bit-identical results, since the epilogue uses the same float32
+    operations in the same order (except that Triton's CPU interpreter truncates float32 to bfloat16 where a
+    GPU rounds to nearest).
 
     Overflow: ``|acc| <= 128 * 128 * K`` fits int32 whenever ``K <= K_MAX = 131071``. For larger K the
     kernel raises ``OverflowError``; the torch path computes exactly and raises only if the result does
