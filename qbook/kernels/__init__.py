@@ -94,27 +94,33 @@ def _as_vector(value: object, name: str, length: int, axis: int, device: torch.d
     Scales must be finite and > 0 in float32 (a zero scale maps every output to 0, so it is refused, as NaN,
     inf and negative scales are); a bias must be finite in float32.
     """
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} must be on {device} like the operands, got {value.device}")
+        shape = value.shape
+        matrix = (length, 1) if axis == 0 else (1, length)
+        if not (len(shape) == 0 or shape == (1,) or shape == (length,) or shape == matrix):
+            allowed = [(), (1,), (length,), matrix]
+            raise ValueError(f"{name} must have shape in {allowed}, got {tuple(shape)}")
+        vector = value.reshape(-1)
+        if vector.dtype is not torch.float32:
+            vector = vector.to(torch.float32)
+        vector = vector.contiguous()
+        low, high = torch.aminmax(vector)  # NaN propagates into both
+        _check_values(vector, name, value, low.item(), high.item())
+        return vector
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         vector = torch.tensor([float(value)], dtype=torch.float32, device=device)
-        _check_values(vector, name, value)
+        cast = vector.item()
+        _check_values(vector, name, value, cast, cast)
         return vector
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if value.device != device:
-        raise ValueError(f"{name} must be on {device} like the operands, got {value.device}")
-    allowed = [(), (1,), (length,), (length, 1) if axis == 0 else (1, length)]
-    if tuple(value.shape) not in allowed:
-        raise ValueError(f"{name} must have shape in {allowed}, got {tuple(value.shape)}")
-    vector = value.reshape(-1).to(torch.float32).contiguous()
-    _check_values(vector, name, value)
-    return vector
+    raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_values(vector: torch.Tensor, name: str, given: object) -> None:
+def _check_values(vector: torch.Tensor, name: str, given: object, low: float, high: float) -> None:
     """Scales finite and > 0, a bias finite, both after the cast to float32 that the kernel computes in."""
-    low, high = (float(v) for v in torch.aminmax(vector))  # NaN propagates into both
     is_scale = name != "bias"
     if (low > 0 or not is_scale) and -math.inf < low and high < math.inf:
         return
