@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import operator
+import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -74,12 +75,15 @@ def dtype_for_range(qmin: int, qmax: int) -> torch.dtype:
     >>> dtype_for_range(-128, 127), dtype_for_range(0, 255), dtype_for_range(0, 65535)
     (torch.int8, torch.uint8, torch.int32)
     """
-    qmin, qmax = _check_range(qmin, qmax)
-    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+    return _dtype_for_range(*_check_range(qmin, qmax))
+
+
+def _dtype_for_range(qmin: int, qmax: int) -> torch.dtype:
+    for dtype in (torch.int8, torch.uint8, torch.int16):
         info = torch.iinfo(dtype)
         if info.min <= qmin and qmax <= info.max:
             return dtype
-    raise AssertionError("unreachable: _check_range limits the range to int32")
+    return torch.int32
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ UINT4 = QuantSpec(4, False)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Argument checks: each names the offending value
+# Argument checks: each names the offending value. Comparisons never cast a bound to the data's dtype.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -181,6 +185,8 @@ def _check_range(qmin: object, qmax: object) -> tuple[int, int]:
 
 def _check_float(x: object, name: str) -> torch.Tensor:
     """``x`` as a float32 tensor; integer tensors are a TypeError (they are already quantized)."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+        return x
     if isinstance(x, float):
         return torch.tensor(x, dtype=torch.float32)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -189,50 +195,80 @@ def _check_float(x: object, name: str) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def _check_x(x: object) -> torch.Tensor:
-    x = _check_float(x, "x")
-    nan = torch.isnan(x)
-    if nan.any():
-        index = _index(nan)
-        raise ValueError(
-            f"x contains {int(nan.sum())} NaN value(s), the first at index {index}; NaN has no integer code"
-        )
-    return x
+def _float32(value: float) -> float:
+    """The Python float nearest to ``value`` in float32 (inf beyond float32's range)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
-def _scale_values(scale: object, device: torch.device) -> torch.Tensor:
+def _outside(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``(t < lo) | (t > hi)`` elementwise, exact for any dtype: compared in int64 or float64, never by
+    casting the bounds to ``t``'s dtype (``torch.tensor(5, dtype=torch.int8) > 255`` is True in torch)."""
+    wide = t.to(torch.float64) if t.is_floating_point() else t.to(torch.int64)
+    return (wide < lo) | (wide > hi)
+
+
+def _check_scale(scale: object) -> torch.Tensor | float:
+    """A positive finite float32 scale: a Python float (float32-rounded) for one value, else a tensor."""
+    if isinstance(scale, torch.Tensor) and scale.ndim == 0 and not scale.is_complex():
+        if scale.dtype == torch.bool:
+            raise TypeError(f"scale must be a float tensor or number, got dtype {scale.dtype}")
+        scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, (torch.Tensor, int, float)):
-        raise TypeError(f"scale must be a float tensor or number, got {scale!r}")
-    scale = torch.as_tensor(scale, device=device).to(torch.float32)
-    bad = ~(torch.isfinite(scale) & (scale > 0))
-    if bad.any():
-        raise ValueError(f"scale must be positive and finite, got {_first(scale, bad)}")
+        got = scale.dtype if isinstance(scale, torch.Tensor) else repr(scale)
+        raise TypeError(f"scale must be a float tensor or number, got {got}")
+    if not isinstance(scale, torch.Tensor):
+        value = _float32(scale)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"scale must be positive and finite, got {scale!r}")
+        return value
+    if scale.dtype == torch.bool or scale.is_complex():
+        raise TypeError(f"scale must be a float tensor or number, got dtype {scale.dtype}")
+    scale = scale.to(torch.float32)
+    if scale.numel():
+        lo, hi = torch.aminmax(scale)  # NaN propagates to both
+        if not (lo.item() > 0 and hi.item() < math.inf):
+            bad = ~(torch.isfinite(scale) & (scale > 0))
+            raise ValueError(f"scale must be positive and finite, got {_first(scale, bad)}")
     return scale
 
 
-def _zero_point_values(
-    zero_point: object, device: torch.device, qrange: tuple[int, int] | None
-) -> torch.Tensor:
+def _check_zero_point(zero_point: object, qrange: tuple[int, int] | None) -> torch.Tensor | int:
+    """An integer zero point in ``qrange`` (default: int32): a Python int for one value, else a tensor."""
+    lo, hi = qrange if qrange is not None else (_INT32.min, _INT32.max)
+    where = "[qmin, qmax]" if qrange is not None else "int32"
+    if isinstance(zero_point, torch.Tensor) and zero_point.ndim == 0:
+        if zero_point.dtype == torch.bool or zero_point.is_complex():
+            raise TypeError(f"zero_point must be an integer tensor or int, got dtype {zero_point.dtype}")
+        zero_point = zero_point.item()
     if isinstance(zero_point, bool) or not isinstance(zero_point, (torch.Tensor, int, float)):
         raise TypeError(f"zero_point must be an integer tensor or int, got {zero_point!r}")
-    zero_point = torch.as_tensor(zero_point, device=device)
+    if isinstance(zero_point, float):
+        if not (math.isfinite(zero_point) and zero_point == round(zero_point)):
+            raise ValueError(f"zero_point must hold integers, got {zero_point!r}")
+        zero_point = int(zero_point)
+    if isinstance(zero_point, int):
+        if not lo <= zero_point <= hi:
+            raise ValueError(f"zero_point must lie in {where} = [{lo}, {hi}], got {zero_point}")
+        return zero_point
     if zero_point.dtype == torch.bool or zero_point.is_complex():
         raise TypeError(f"zero_point must be an integer tensor or int, got dtype {zero_point.dtype}")
-    if zero_point.is_floating_point():
+    if zero_point.is_floating_point() and not torch.equal(zero_point, zero_point.round()):
         bad = ~torch.isfinite(zero_point) | (zero_point != zero_point.round())
-        if bad.any():
-            raise ValueError(f"zero_point must hold integers, got {_first(zero_point, bad)}")
-    if qrange is not None:
-        bad = (zero_point < qrange[0]) | (zero_point > qrange[1])
-        if bad.any():
-            raise ValueError(
-                f"zero_point must lie in [qmin, qmax] = [{qrange[0]}, {qrange[1]}], "
-                f"got {_first(zero_point, bad)}"
-            )
-    return zero_point.to(torch.float64)  # exact for every int32 zero point
+        raise ValueError(f"zero_point must hold integers, got {_first(zero_point, bad)}")
+    if zero_point.numel():
+        zmin, zmax = torch.aminmax(zero_point)
+        if zmin.item() < lo or zmax.item() > hi:  # Python numbers: exact, whatever the tensor's dtype
+            bad = _outside(zero_point, lo, hi)
+            raise ValueError(f"zero_point must lie in {where} = [{lo}, {hi}], got {_first(zero_point, bad)}")
+    return zero_point
 
 
-def _check_broadcast(param: torch.Tensor, shape: torch.Size, name: str) -> None:
+def _check_broadcast(param: torch.Tensor | float, shape: torch.Size, name: str) -> None:
+    if not isinstance(param, torch.Tensor):
+        return
     try:
         ok = torch.broadcast_shapes(param.shape, shape) == shape
     except RuntimeError:
@@ -244,39 +280,102 @@ def _check_broadcast(param: torch.Tensor, shape: torch.Size, name: str) -> None:
         )
 
 
-def _check_param_shape(param: torch.Tensor, granularity: Granularity, shape: torch.Size, name: str) -> None:
+def _check_param_shape(param: Param, granularity: Granularity, shape: torch.Size, name: str) -> None:
     if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
         raise TypeError(f"granularity must be PerTensor, PerChannel or PerGroup, got {granularity!r}")
     expected = granularity.param_shape(shape)
-    if param.numel() != 1 and tuple(param.shape) != expected:
+    if isinstance(param, torch.Tensor) and param.numel() != 1 and tuple(param.shape) != expected:
         raise ValueError(
             f"{name} has shape {tuple(param.shape)}, expected {expected} for {granularity} "
             f"on data of shape {tuple(shape)}"
         )
 
 
+Param = torch.Tensor | float | int
+
+
 def _params(
-    scale: TensorLike,
-    zero_point: TensorLike,
+    scale: object,
+    zero_point: object,
     shape: torch.Size,
-    device: torch.device,
     granularity: Granularity | None,
     qrange: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked float32 ``scale`` and float64 ``zero_point``, expanded by ``granularity`` to broadcast."""
-    scale = _scale_values(scale, device)
-    zero_point = _zero_point_values(zero_point, device, qrange)
+) -> tuple[Param, Param, tuple[int, ...]]:
+    """Checked ``scale`` and ``zero_point`` and the shape to view the data as, so that they broadcast.
+
+    Per-group parameters ``(..., L // g, ...)`` are not repeated: the data is viewed as
+    ``(..., L // g, g, ...)`` and the parameters as ``(..., L // g, 1, ...)``.
+    """
+    scale, zero_point = _check_scale(scale), _check_zero_point(zero_point, qrange)
+    view = tuple(shape)
     if granularity is not None:
         _check_param_shape(scale, granularity, shape, "scale")
         _check_param_shape(zero_point, granularity, shape, "zero_point")
-        scale, zero_point = granularity.expand(scale, shape), granularity.expand(zero_point, shape)
-    _check_broadcast(scale, shape, "scale")
-    _check_broadcast(zero_point, shape, "zero_point")
-    return scale, zero_point
+        if isinstance(granularity, PerGroup):
+            axis = granularity.axis % len(shape)
+            g = granularity.group_size
+            view = (*shape[:axis], shape[axis] // g, g, *shape[axis + 1:])  # (..., L // g, g, ...)
+            scale, zero_point = (  # (..., L // g, 1, ...)
+                p.unsqueeze(axis + 1) if isinstance(p, torch.Tensor) and p.numel() != 1 else p
+                for p in (scale, zero_point)
+            )
+    _check_broadcast(scale, torch.Size(view), "scale")
+    _check_broadcast(zero_point, torch.Size(view), "zero_point")
+    return scale, zero_point, view
+
+
+def _raise_nan(x: torch.Tensor) -> None:
+    nan = torch.isnan(x)
+    if nan.any():
+        raise ValueError(
+            f"x contains {int(nan.sum())} NaN value(s), the first at index {_index(nan)}; "
+            "NaN has no integer code"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
-# The three verbs
+# Large tensors are processed in chunks of rows: the float32 work buffer stays in the CPU's cache
+# --------------------------------------------------------------------------------------------------------
+
+_CHUNK = 1 << 17  # elements per chunk: 512 KiB of float32
+
+
+def _chunks(shape: tuple[int, ...]) -> list:
+    """Slices of dim 0 covering about ``_CHUNK`` elements each (``[...]``, all of it, for small tensors)."""
+    numel = math.prod(shape)
+    if not shape or numel <= _CHUNK or shape[0] < 2:
+        return [...]
+    rows = max(1, _CHUNK * shape[0] // numel)
+    return [slice(i, i + rows) for i in range(0, shape[0], rows)]
+
+
+def _scratch(view: tuple[int, ...], chunks: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Scratch space for one chunk (for all of it when there is one chunk)."""
+    first = chunks[0]
+    shape = view if first is ... else (first.stop - first.start, *view[1:])
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _fit(scratch: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """The scratch space for ``part`` (the last chunk may be shorter)."""
+    return scratch if scratch.shape == part.shape else scratch[: part.shape[0]]
+
+
+def _part(param: Param, rows: slice, ndim: int) -> Param:
+    """The rows of a broadcasting parameter that go with ``data[rows]`` (all of it when it broadcasts)."""
+    if rows is not ... and isinstance(param, torch.Tensor) and param.ndim == ndim and param.shape[0] > 1:
+        return param[rows]
+    return param
+
+
+def _work_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """float32 when every code of the grid is a float32 integer (|code| <= 2^24), else float64."""
+    return torch.float32 if max(-qmin, qmax) <= 2**24 else torch.float64
+
+
+# --------------------------------------------------------------------------------------------------------
+# The three verbs: each public function checks its arguments, then calls its math core (_calc_qparams,
+# _quantize, _dequantize), which chapter 3 shows.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -294,11 +393,15 @@ def calc_qparams(
     * affine (非对称, (3.3)): ``scale = (xmax - xmin) / (qmax - qmin)``,
       ``zero_point = clamp(qmin - round(xmin / scale), qmin, qmax)``;
     * symmetric (对称, (3.4)): ``scale = max(-xmin, xmax) / ((qmax - qmin) / 2)``, ``zero_point = 0`` for a
-      signed grid and ``(qmin + qmax + 1) // 2`` for an unsigned one.
+      grid with ``qmin < 0 <= qmax`` and the grid's middle ``(qmin + qmax + 1) // 2`` otherwise (e.g. 128 on
+      ``[0, 255]``).
 
     ``scale`` is floored at float32 eps (an all-zero tensor still gets a usable grid). Elementwise over
-    tensors: per-channel minima and maxima give per-channel parameters. Computed in float32 like
-    ``torch.ao.quantization.MinMaxObserver``, which it matches for int8/uint8.
+    tensors: per-channel minima and maxima give per-channel parameters. The scale is computed in float32 like
+    ``torch.ao.quantization.MinMaxObserver``, which it matches for int8/uint8; the zero point in int64, exact
+    on every int32 grid. A finite range wider than float32's largest number (``xmax - xmin > 3.4e38``) still
+    gets its finite scale; only a scale that float32 cannot hold (possible on a 2-code grid) is a
+    ``ValueError``.
 
     >>> calc_qparams(-1.0, 2.0, qmin=-128, qmax=127)
     (tensor(0.0118), tensor(-43, dtype=torch.int32))
@@ -306,56 +409,94 @@ def calc_qparams(
     (tensor(0.0157), tensor(0, dtype=torch.int32))
     """
     qmin, qmax = _check_range(qmin, qmax)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
     xmin, xmax = _check_float(_as_float(xmin), "xmin"), _check_float(_as_float(xmax), "xmax")
+    if xmin.shape != xmax.shape:
+        try:
+            xmin, xmax = torch.broadcast_tensors(xmin, xmax)
+        except RuntimeError:
+            raise ValueError(
+                "xmin and xmax must have broadcastable shapes, "
+                f"got {tuple(xmin.shape)} and {tuple(xmax.shape)}"
+            ) from None
+    if xmin.numel() == 0:
+        return _calc_qparams(xmin, xmax, qmin, qmax, symmetric)
+    width = xmax - xmin  # one reduction flags NaN, inf, xmin > xmax and ranges that overflow float32
+    lo, hi = torch.aminmax(width)
+    if lo.item() >= 0 and hi.item() < math.inf:
+        scale, zero_point = _calc_qparams(xmin, xmax, qmin, qmax, symmetric)
+    else:
+        _check_range_values(xmin, xmax)
+        # Finite, but xmax - xmin > 3.4e38: halve those ranges (exact), which halves their scale and keeps
+        # their zero point, then double the scale back.
+        half = torch.where(torch.isinf(width), 0.5, 1.0)
+        scale, zero_point = _calc_qparams(xmin * half, xmax * half, qmin, qmax, symmetric)
+        scale = scale / half
+    if (qmax - qmin == 1 or hi.item() == math.inf) and not scale.max().item() < math.inf:
+        index = _index(torch.isinf(scale))
+        raise ValueError(
+            f"the range [xmin, xmax] = [{xmin[index].item()!r}, {xmax[index].item()!r}] needs a scale beyond "
+            f"float32's largest {torch.finfo(torch.float32).max:.4g} on the grid [{qmin}, {qmax}]"
+        )
+    return scale, zero_point
+
+
+def _check_range_values(xmin: torch.Tensor, xmax: torch.Tensor) -> None:
+    """Raise for non-finite values or ``xmin > xmax``; a finite range that overflows float32 passes."""
     for name, value in (("xmin", xmin), ("xmax", xmax)):
         bad = ~torch.isfinite(value)
         if bad.any():
             raise ValueError(f"{name} must be finite, got {_first(value, bad)}")
-    xmin, xmax = torch.broadcast_tensors(xmin, xmax)
     bad = xmin > xmax
     if bad.any():
         index = _index(bad)
         lo, hi = xmin[index].item(), xmax[index].item()
         raise ValueError(f"xmin must not exceed xmax, got xmin={lo!r} > xmax={hi!r}")
-    xmin, xmax = xmin.clamp(max=0.0), xmax.clamp(min=0.0)  # widen to include 0
-    if symmetric:
-        scale = torch.maximum(-xmin, xmax) / (float(qmax - qmin) / 2)
-    else:
-        scale = (xmax - xmin) / float(qmax - qmin)
-    scale = scale.clamp(min=_FLOAT32_EPS)
-    if symmetric:
-        zero_point = torch.full_like(scale, 0 if qmin < 0 else (qmin + qmax + 1) // 2)
-    else:
-        zero_point = (qmin - torch.round(xmin / scale)).clamp(qmin, qmax)
-    return scale, zero_point.to(torch.int32)
+
+
+def _calc_qparams(
+    xmin: torch.Tensor, xmax: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equations (3.3)/(3.4): float32 ``scale`` and int32 ``zero_point`` for the range ``[xmin, xmax]``."""
+    n = float(qmax - qmin)  # number of steps of the grid
+    if symmetric:  # (3.4); max(-xmin, xmax) >= 0 already contains 0
+        scale = torch.maximum(-xmin, xmax).div_(n / 2).clamp_(min=_FLOAT32_EPS)
+        middle = 0 if qmin < 0 <= qmax else (qmin + qmax + 1) // 2
+        return scale, torch.full_like(scale, middle, dtype=torch.int32)
+    xmin, xmax = xmin.clamp(max=0.0), xmax.clamp(min=0.0)  # widen to contain 0
+    scale = (xmax - xmin).div_(n).clamp_(min=_FLOAT32_EPS)  # (3.3)
+    shift = (xmin / scale).round_()  # an integer in [qmin - qmax, 0]
+    if max(-qmin, qmax) > 2**24:  # float32 holds every integer only up to 2^24: go exact in int64
+        shift = shift.to(torch.int64)
+    return scale, (qmin - shift).clamp_(qmin, qmax).to(torch.int32)
 
 
 def _as_float(value: TensorLike) -> TensorLike:
     """Python ints (and integer tensors) as range endpoints are fine: they are values, not codes."""
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool:
         return value.to(torch.float32)
     return value
 
 
-def _exact_dtype(largest: int) -> torch.dtype:
-    """float32 when every integer up to ``largest`` in magnitude is a float32 (2^24), else float64."""
-    return torch.float32 if largest <= 2**24 else torch.float64
+def _codes(x: torch.Tensor, scale: Param, zero_point: Param, out: torch.Tensor) -> torch.Tensor:
+    """``round(x / scale) + zero_point`` into the float tensor ``out``: (3.1) before the clamp.
+
+    float32 holds every code of a grid up to 2^24 exactly; wider grids pass a float64 ``out``."""
+    return torch.div(x, scale, out=out).round_().add_(zero_point)  # true float32 division, ties to even
 
 
-def _codes(
-    x: torch.Tensor,
-    scale: TensorLike,
-    zero_point: TensorLike,
-    qrange: tuple[int, int],
-    granularity: Granularity | None,
+def _quantize(
+    x: torch.Tensor, scale: Param, zero_point: Param, qmin: int, qmax: int, q: torch.Tensor,
+    codes: torch.Tensor,
 ) -> torch.Tensor:
-    """``round(x / scale) + zero_point`` before the clamp: exact for every code of the grid."""
-    x = _check_x(x)
-    scale, zero_point = _params(scale, zero_point, x.shape, x.device, granularity, qrange)
-    work = _exact_dtype(max(-qrange[0], qrange[1]))
-    return torch.round(x / scale).to(work) + zero_point.to(work)  # float32 division, ties to even
+    """Equation (3.1), ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``, into the integer ``q``.
+
+    ``codes`` is float scratch space shaped like ``x`` (see :func:`_codes`)."""
+    return q.copy_(_codes(x, scale, zero_point, codes).clamp_(qmin, qmax))
 
 
 def quantize(
@@ -373,16 +514,43 @@ def quantize(
 
     with a true float32 division and round-half-to-even (the ONNX ``QuantizeLinear`` definition). ``scale``
     and ``zero_point`` broadcast against ``x`` (per-channel: shape ``(C, 1)`` etc.); with ``granularity``
-    they have its ``param_shape`` and are expanded (per-group). ±inf saturate to ``qmin``/``qmax``; NaN is a
-    ``ValueError``. The result has the smallest integer dtype holding the grid (:func:`dtype_for_range`).
+    they have its ``param_shape`` (per-group: one value per group, never repeated). ±inf saturate to
+    ``qmin``/``qmax``; NaN is a ``ValueError``. The result has the smallest integer dtype holding the grid
+    (:func:`dtype_for_range`).
 
     >>> import torch
     >>> quantize(torch.tensor([-1.25, 0.25, 0.75, 100.0]), 0.5, 3, qmin=-128, qmax=127)  # ties to even
     tensor([  1,   3,   5, 127], dtype=torch.int8)
     """
     qmin, qmax = _check_range(qmin, qmax)
-    codes = _codes(x, scale, zero_point, (qmin, qmax), granularity)
-    return codes.clamp(qmin, qmax).to(dtype_for_range(qmin, qmax))
+    x = _check_float(x, "x")
+    scale, zero_point, view = _params(scale, zero_point, x.shape, granularity, (qmin, qmax))
+    data = x.reshape(view)
+    q = torch.empty(view, dtype=_dtype_for_range(qmin, qmax), device=x.device)
+    chunks = _chunks(view)  # a chunk's float codes stay in the CPU's cache
+    codes = _scratch(view, chunks, _work_dtype(qmin, qmax), x.device)
+    sums = []  # a NaN in x makes its chunk's sum NaN (so may inf - inf: then look closer)
+    for rows in chunks:
+        part = data[rows]
+        sums.append(part.sum())
+        s, z = _part(scale, rows, len(view)), _part(zero_point, rows, len(view))
+        _quantize(part, s, z, qmin, qmax, q[rows], _fit(codes, part))
+    _check_sums(sums, x)
+    return q.reshape(x.shape)
+
+
+def _check_sums(sums: list[torch.Tensor], x: torch.Tensor) -> None:
+    """Raise if ``x`` holds NaN, reading the chunk sums first (a finite total means no NaN)."""
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    if not total.isfinite():
+        _raise_nan(x)
+
+
+def _dequantize(q: torch.Tensor, scale: Param, zero_point: Param, x_hat: torch.Tensor) -> torch.Tensor:
+    """Equation (3.2), ``(q - zero_point) * scale``, written into the float32 tensor ``x_hat``.
+
+    ``q - zero_point`` is exact in float32 for codes and zero points below 2^24 in magnitude."""
+    return x_hat.copy_(q).sub_(zero_point).mul_(scale)
 
 
 def dequantize(
@@ -397,7 +565,7 @@ def dequantize(
     ``x_hat = (q - zero_point) * scale``
 
     ``q - zero_point`` is exact for codes below 2^24 in magnitude (rounded once to float32 beyond), then one
-    float32 multiplication. ``scale``/``zero_point`` as in :func:`quantize`.
+    float32 multiplication. ``scale``/``zero_point`` as in :func:`quantize`; ``zero_point`` must fit int32.
 
     >>> import torch
     >>> dequantize(torch.tensor([0, 3, 5, 93], dtype=torch.int8), 0.1, 3)
@@ -406,26 +574,51 @@ def dequantize(
     if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
         got = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
         raise TypeError(f"q must be an integer tensor (the output of quantize), got {got}")
-    scale, zero_point = _params(scale, zero_point, q.shape, q.device, granularity)
-    largest = max(torch.iinfo(q.dtype).max, int(zero_point.abs().max()) if zero_point.numel() else 0)
-    work = _exact_dtype(largest)  # q and zero_point exact in it, so q - zero_point is rounded once
-    return (q.to(work) - zero_point.to(work)).to(torch.float32) * scale
+    scale, zero_point, view = _params(scale, zero_point, q.shape, granularity)
+    largest = max(-torch.iinfo(q.dtype).min, torch.iinfo(q.dtype).max)
+    if isinstance(zero_point, torch.Tensor):
+        largest = max(largest, int(zero_point.abs().max()) if zero_point.numel() else 0)
+    else:
+        largest = max(largest, abs(zero_point))
+    codes = q.reshape(view)
+    x_hat = torch.empty(view, dtype=torch.float32, device=q.device)
+    for rows in _chunks(view):
+        s, z = _part(scale, rows, len(view)), _part(zero_point, rows, len(view))
+        if largest > 2**24:  # subtract in float64 (exact), then round once to float32
+            _dequantize(codes[rows].to(torch.float64).sub_(z), s, 0, x_hat[rows])
+        else:
+            _dequantize(codes[rows], s, z, x_hat[rows])
+    return x_hat.reshape(q.shape)
 
 
 class _FakeQuantize(torch.autograd.Function):
     """Forward ``dequantize(quantize(x))``; backward the clipped straight-through estimator (chapter 8)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, granularity):  # type: ignore[override]
-        codes = _codes(x.detach(), scale, zero_point, (qmin, qmax), granularity)
-        ctx.save_for_backward((codes >= qmin) & (codes <= qmax))  # where the STE passes the gradient
-        q = codes.clamp(qmin, qmax).to(dtype_for_range(qmin, qmax))
-        return dequantize(q, scale, zero_point, granularity=granularity).to(x.dtype)  # (3.2) after (3.1)
+    def forward(ctx, x, scale, zero_point, qmin, qmax, view):  # type: ignore[override]
+        data = x.detach().to(torch.float32).reshape(view)
+        x_hat = torch.empty(view, dtype=torch.float32, device=x.device)
+        inside = torch.empty(view, dtype=torch.bool, device=x.device)  # where the STE passes the gradient
+        chunks = _chunks(view)
+        scratch = _scratch(view, chunks, _work_dtype(qmin, qmax), x.device)
+        at_most_qmax = _scratch(view, chunks, torch.bool, x.device)
+        sums = []
+        for rows in chunks:
+            part = data[rows]
+            sums.append(part.sum())
+            s, z = _part(scale, rows, len(view)), _part(zero_point, rows, len(view))
+            codes = _codes(part, s, z, _fit(scratch, part))  # (3.1) before the clamp
+            below_top = torch.le(codes, qmax, out=_fit(at_most_qmax, part))
+            torch.ge(codes, qmin, out=inside[rows]).logical_and_(below_top)
+            x_hat[rows].copy_(codes.clamp_(qmin, qmax).sub_(z)).mul_(s)  # (3.2) after (3.1)
+        _check_sums(sums, x.detach())
+        ctx.save_for_backward(inside)
+        return x_hat.reshape(x.shape).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (inside,) = ctx.saved_tensors
-        return grad_output * inside, None, None, None, None, None
+        return grad_output * inside.reshape(grad_output.shape), None, None, None, None, None
 
 
 def fake_quantize(
@@ -457,7 +650,11 @@ def fake_quantize(
     tensor([1., 1., 0.])
     """
     qmin, qmax = _check_range(qmin, qmax)
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, granularity)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor, got {got}")
+    scale, zero_point, view = _params(scale, zero_point, x.shape, granularity, (qmin, qmax))
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, view)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -494,6 +691,9 @@ class QTensor:
     def __post_init__(self) -> None:
         if not isinstance(self.spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {self.spec!r}")
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
+            raise TypeError(f"granularity must be PerTensor, PerChannel or PerGroup, "
+                            f"got {self.granularity!r}")
         if not isinstance(self.q, torch.Tensor) or self.q.dtype != self.spec.dtype:
             got = self.q.dtype if isinstance(self.q, torch.Tensor) else type(self.q).__name__
             raise TypeError(f"q must be a {self.spec.dtype} tensor for {self.spec}, got {got}")
@@ -509,7 +709,7 @@ class QTensor:
                 raise ValueError(
                     f"{name} must be a tensor of shape {expected} for {self.granularity}, got {got}"
                 )
-        _params(self.scale, self.zero_point, self.q.shape, self.q.device, self.granularity)
+        _params(self.scale, self.zero_point, self.q.shape, self.granularity)
 
     @classmethod
     def from_float(

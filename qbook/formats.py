@@ -51,6 +51,7 @@ __all__ = [
     "finite_values",
     "model_size",
     "round_to_format",
+    "round_to_format_reference",
     "ulp",
 ]
 
@@ -102,12 +103,20 @@ class FloatFormat:
 
     def __post_init__(self) -> None:
         E, M = self.exponent_bits, self.mantissa_bits
-        if not isinstance(E, int) or not 1 <= E <= 8:
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {self.name!r}")
+        if isinstance(E, bool) or not isinstance(E, int) or not 1 <= E <= 8:
             raise ValueError(f"exponent_bits must be an integer in [1, 8] (float32 has 8), got {E!r}")
-        if not isinstance(M, int) or not 0 <= M <= 23:
+        if isinstance(M, bool) or not isinstance(M, int) or not 0 <= M <= 23:
             raise ValueError(f"mantissa_bits must be an integer in [0, 23] (float32 has 23), got {M!r}")
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (E - 1) - 1)
+        if isinstance(self.bias, bool) or not isinstance(self.bias, numbers.Integral):
+            raise TypeError(f"bias must be an integer, got {self.bias!r}")
+        object.__setattr__(self, "bias", int(self.bias))
+        for name in ("has_inf", "saturate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.nan not in ("ieee", "all_ones", "none"):
             raise ValueError(f"nan must be 'ieee', 'all_ones' or 'none', got {self.nan!r}")
         if self.has_inf and self.nan != "ieee":
@@ -123,7 +132,7 @@ class FloatFormat:
                 f"bias={self.bias!r} puts the exponents [{self.emin}, {self.emax}] "
                 "outside float32's [-126, 127]"
             )
-        if self.max_mantissa < 0:
+        if self.max_mantissa < 0 or (self.max_exponent_field == 0 and M == 0):
             raise ValueError(f"{self.name}: the special values leave no finite nonzero number")
 
     # --- the top of the range -------------------------------------------------------------------------
@@ -219,8 +228,13 @@ ALL: tuple[FloatFormat, ...] = (FP32, FP16, BF16, FP8_E4M3, FP8_E5M2, FP6_E3M2, 
 # --- helpers ------------------------------------------------------------------------------------------
 def _as_float32(x: Tensor | float, fn: str) -> Tensor:
     """float32 view of the input; other float dtypes are converted (exact for fp16/bf16/fp8)."""
+    if isinstance(x, Tensor) and x.dtype == torch.float32:
+        return x
     if not isinstance(x, Tensor):
-        return torch.as_tensor(x, dtype=torch.float32)
+        try:
+            return torch.as_tensor(x, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{fn} expects a floating-point tensor or number, got {x!r} ({err})") from None
     if not torch.is_floating_point(x):
         raise TypeError(f"{fn} expects a floating-point tensor, got dtype {x.dtype}")
     return x.to(torch.float32)
@@ -237,13 +251,70 @@ def _with_sign(magnitude_bits: Tensor, x_bits32: Tensor) -> Tensor:
     return (magnitude_bits.to(torch.int32) | (x_bits32 & _SIGN)).view(torch.float32)
 
 
+def _check_format(fmt: object, fn: str) -> FloatFormat:
+    if not isinstance(fmt, FloatFormat):
+        raise TypeError(
+            f"{fn} expects a FloatFormat such as qbook.formats.FP16 (names are not accepted), got {fmt!r}"
+        )
+    return fmt
+
+
+def _nan_mask(x: Tensor) -> Tensor | None:
+    """Where ``x`` is NaN, or None when it has none (read off one sum: NaN makes it NaN, so may inf - inf)."""
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return None
+    nan = torch.isnan(x)
+    return nan if bool(nan.any()) else None
+
+
 # --- rounding -----------------------------------------------------------------------------------------
 def round_to_format(x: Tensor | float, fmt: FloatFormat) -> Tensor:
-    r"""Round float32 values to the nearest value of ``fmt``, ties to even; returns float32 (Chapter 2).
+    """Round float32 values to the nearest value of ``fmt``, ties to even; returns float32 (Chapter 2).
 
-    Works on the float32 bit pattern with integer arithmetic. A finite ``x`` has the significand
-    ``sig = 1.f`` (as the 24-bit integer ``2^23 + f``; ``f`` alone for float32 subnormals) and the exponent
-    ``e_x``, so ``x = sig * 2^(e_x - 23)``. Near ``x`` the values of ``fmt`` are spaced
+    The same numbers as :func:`round_to_format_reference`, the bit-level algorithm that chapter 2 teaches,
+    computed faster: with PyTorch's own cast ``x.to(dtype).float()`` for FP16, BF16 and FP8_E5M2 (equal to
+    the reference bit for bit on every float32 input, except that the sign and payload of a NaN output are
+    torch's), and for every other format with a few int32 operations on the float32 bit pattern (equal to
+    the reference bit for bit, NaN included). ``fmt`` must be a :class:`FloatFormat` (a name such as
+    ``"FP16"`` is a ``TypeError``); NaN input is a ``ValueError`` for formats without NaN.
+
+    >>> round_to_format(torch.tensor([1.0 + 2**-11, 1.0 + 3 * 2**-11, 70000.0, 1e-8]), FP16)
+    tensor([1.0000, 1.0020,    inf, 0.0000])
+    >>> round_to_format(torch.tensor([2.4, 2.5, 5.0, 100.0, -0.2]), FP4_E2M1)
+    tensor([2., 2., 4., 6., -0.])
+    """
+    fmt = _check_format(fmt, "round_to_format")
+    x = _as_float32(x, "round_to_format")
+    if fmt.is_float32:
+        return x.clone()
+    dtype = _TORCH_CASTS.get(_fields(fmt))
+    if dtype is not None:
+        return x.to(dtype).to(torch.float32)
+    return _round_exact(x, fmt)
+
+
+def round_to_format_reference(x: Tensor | float, fmt: FloatFormat) -> Tensor:
+    """:func:`round_to_format` by the bit-level algorithm of chapter 2 (core: ``_round_to_format_reference``).
+
+    Slower than :func:`round_to_format`, and equal to it bit for bit (NaN outputs: the canonical quiet NaN
+    with the input's sign). NaN input is a ``ValueError`` for formats without NaN.
+
+    >>> round_to_format_reference(torch.tensor([0.1, 1000.0]), FP8_E4M3)
+    tensor([1.0156e-01, 4.4800e+02])
+    """
+    fmt = _check_format(fmt, "round_to_format_reference")
+    x = _as_float32(x, "round_to_format_reference")
+    if fmt.nan == "none" and bool(torch.isnan(x).any()):
+        raise ValueError(f"{fmt.name} has no NaN encoding, but the input contains NaN")
+    return x.clone() if fmt.is_float32 else _round_to_format_reference(x, fmt)
+
+
+def _round_to_format_reference(x: Tensor, fmt: FloatFormat) -> Tensor:
+    r"""Round float32 ``x`` to the nearest value of ``fmt``, ties to even, by integer arithmetic on its bits.
+
+    A finite ``x`` has the significand ``sig = 1.f`` (as the 24-bit integer ``2^23 + f``; ``f`` alone for
+    float32 subnormals) and the exponent ``e_x``, so ``x = sig * 2^(e_x - 23)``. Near ``x`` the values of
+    ``fmt`` are spaced
 
     .. math:: \mathrm{ulp} = 2^{t}, \quad t = \max(e_x, e_{min}) - M          \qquad (2.3)
 
@@ -252,26 +323,12 @@ def round_to_format(x: Tensor | float, fmt: FloatFormat) -> Tensor:
     magnitude is ``q * 2^t``; a carry out of the binade moves it to the next exponent. Below ``e_min`` the
     spacing stops shrinking: these are the subnormals. Then, per format: a result above ``max`` becomes
     ±inf (IEEE), NaN (E4M3 without saturation) or ±max (saturating formats); ±inf maps to ±inf, or ±max
-    when saturating without inf; NaN stays NaN, and is a ``ValueError`` for formats without NaN.
-
-    For FP16, BF16, FP8_E4M3 and FP8_E5M2 the result equals PyTorch's ``x.to(dtype).float()`` bit for bit
-    (NaN payloads aside). Inputs in another float dtype are converted to float32 first (so float64 is
-    rounded twice); integer tensors raise ``TypeError``.
-
-    >>> round_to_format(torch.tensor([1.0 + 2**-11, 1.0 + 3 * 2**-11, 70000.0, 1e-8]), FP16)
-    tensor([1.0000, 1.0020,    inf, 0.0000])
-    >>> round_to_format(torch.tensor([2.4, 2.5, 5.0, 100.0, -0.2]), FP4_E2M1)
-    tensor([2., 2., 4., 6., -0.])
+    when saturating without inf; NaN stays NaN.
     """
-    x = _as_float32(x, "round_to_format")
-    if fmt.is_float32:
-        return x.clone()
     x32 = x.view(torch.int32)
     mag = x32.to(torch.int64) & 0x7FFFFFFF
     is_nan = mag > _F32_INF
     is_inf = mag == _F32_INF
-    if fmt.nan == "none" and bool(is_nan.any()):
-        raise ValueError(f"{fmt.name} has no NaN encoding, but the input contains NaN")
 
     field_ = mag >> _F32_MANT  # biased float32 exponent field
     sig = (mag & 0x7FFFFF) | ((field_ > 0).to(torch.int64) << _F32_MANT)  # 1.f as an integer
@@ -300,46 +357,137 @@ def round_to_format(x: Tensor | float, fmt: FloatFormat) -> Tensor:
     return _with_sign(out, x32)
 
 
+def _fields(fmt: FloatFormat) -> tuple:
+    """What defines a format's values (not its name)."""
+    return (fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.has_inf, fmt.nan, fmt.saturate)
+
+
+#: Formats whose torch cast is fast and equals the reference. FP8_E4M3's cast is a slow scalar loop on CPU
+#: (and saturates only in recent torch releases): it takes the int32 path.
+_TORCH_CASTS = {
+    _fields(FP16): torch.float16,
+    _fields(BF16): torch.bfloat16,
+    _fields(FP8_E5M2): torch.float8_e5m2,
+}
+
+
+_CHUNK = 1 << 16  # elements per chunk: a chunk's int32 buffers stay in the CPU's cache
+
+
+def _round_exact(x: Tensor, fmt: FloatFormat) -> Tensor:
+    """The reference rounding, bit for bit and NaN included; int32 arithmetic where the format allows."""
+    if fmt.emin - fmt.mantissa_bits + _F32_MANT > 127:  # no float32 constant for the subnormal step below
+        nan = _nan_mask(x)
+        if nan is not None and fmt.nan == "none":
+            raise ValueError(f"{fmt.name} has no NaN encoding, but the input contains NaN")
+        return _round_to_format_reference(x, fmt)
+    flat = x.reshape(-1).view(torch.int32)
+    out = torch.empty(flat.shape, dtype=torch.int32, device=x.device)
+    buffers = [torch.empty(min(_CHUNK, flat.numel()), dtype=torch.int32, device=x.device) for _ in range(3)]
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start:start + _CHUNK]
+        nan = _nan_mask(part.view(torch.float32))
+        if nan is not None and fmt.nan == "none":
+            raise ValueError(f"{fmt.name} has no NaN encoding, but the input contains NaN")
+        _round_int32(part, fmt, nan, out[start:start + _CHUNK], *(b[: part.numel()] for b in buffers))
+    return out.view(torch.float32).reshape(x.shape)
+
+
+def _round_int32(
+    x: Tensor, fmt: FloatFormat, nan: Tensor | None, out: Tensor, mag: Tensor, bits: Tensor, tmp: Tensor
+) -> Tensor:
+    """Round-to-nearest-even on float32 bit patterns ``x`` (int32) into ``out`` (int32), in int32 buffers.
+
+    Normal results: drop ``s = 23 - M`` mantissa bits by adding ``2^(s-1) - 1`` plus the last kept bit
+    and masking (a carry moves into the exponent). Results below ``2^emin`` (subnormals of ``fmt``) are
+    spaced ``2^(emin - M)``: adding and subtracting ``C = 2^(emin - M + 23)`` in float32 rounds them to that
+    step, ties to even, in hardware. Then overflow, ±inf and NaN as the format says, and the sign of ``x``.
+    Selections use masks of all ones (``v >> 31`` of a negative int32) rather than ``torch.where``, a
+    branchy loop on CPU.
+    """
+    M = fmt.mantissa_bits
+    s = _F32_MANT - M
+    torch.bitwise_and(x, 0x7FFFFFFF, out=mag)  # |x| as bits
+    if nan is not None:
+        mag.clamp_(max=_F32_INF)  # keep NaN patterns from overflowing below; they are restored at the end
+    if s and M:
+        torch.bitwise_right_shift(mag, s, out=bits).bitwise_and_(1)  # the last kept mantissa bit
+    else:
+        bits.fill_(1 if s else 0)  # M = 0: the last kept bit is the implicit 1; s = 0: nothing to drop
+    if s:
+        bits.add_((1 << (s - 1)) - 1).add_(mag).bitwise_and_(~((1 << s) - 1))
+    else:
+        bits.add_(mag)
+    step = math.ldexp(1.0, fmt.emin - M + _F32_MANT)
+    small = torch.add(mag.view(torch.float32), step, out=tmp.view(torch.float32)).sub_(step).view(torch.int32)
+    small.bitwise_xor_(bits)  # bits ^ (|x| rounded to the subnormal step)
+    torch.sub(mag, _f32_bits(fmt.min_normal), out=out).bitwise_right_shift_(31)  # all ones where |x| < 2^emin
+    bits.bitwise_xor_(small.bitwise_and_(out))  # the subnormal result there, the normal one elsewhere
+    if fmt.saturate:
+        bits.clamp_(max=fmt.max_bits)  # finite overflow and inf saturate
+        if fmt.has_inf:
+            bits.copy_(torch.where(mag == _F32_INF, _F32_INF, bits))
+    else:  # beyond max: inf, or NaN (E4M3-like formats); both patterns exceed every finite one
+        overflow = torch.neg(bits, out=tmp).add_(fmt.max_bits).bitwise_right_shift_(31)  # all ones past max
+        torch.maximum(bits, overflow.bitwise_and_(_F32_INF if fmt.has_inf else _F32_QNAN), out=bits)
+    if nan is not None:
+        bits.copy_(torch.where(nan, _F32_QNAN, bits))
+    torch.bitwise_and(x, _SIGN, out=out)
+    return out.bitwise_or_(bits)
+
+
 # --- bit fields ---------------------------------------------------------------------------------------
 def decompose(x: Tensor | float, fmt: FloatFormat) -> tuple[Tensor, Tensor, Tensor]:
     """The stored fields ``(sign, exponent, mantissa)`` of ``round_to_format(x, fmt)`` (Chapter 2).
 
     Inverts (2.1)/(2.2): ``exponent`` is the *biased* field ``e`` (0 for zero and subnormals) and ``mantissa``
     the ``M``-bit field ``f``, all as int32 tensors. ±inf gives the all-ones exponent and ``f = 0``; NaN the
-    format's canonical NaN (IEEE: top mantissa bit set; E4M3: all ones).
+    format's canonical NaN (IEEE: top mantissa bit set; E4M3: all ones) with the input's sign, except that
+    FP32 keeps the input's NaN payload.
 
     >>> [int(v) for v in decompose(torch.tensor(-6.5), FP32)]    # -6.5 = -1.625 * 2^2
     [1, 129, 5242880]
     >>> [int(v) for v in decompose(torch.tensor(0.25), FP8_E4M3)]   # 0.25 = 1.0 * 2^(5 - 7)
     [0, 5, 0]
     """
+    fmt = _check_format(fmt, "decompose")
     x = _as_float32(x, "decompose")
-    y32 = round_to_format(x, fmt).view(torch.int32)
-    y = y32.to(torch.int64)
+    return _decompose(x if fmt.is_float32 else _round_exact(x, fmt), fmt)
+
+
+def _decompose(y: Tensor, fmt: FloatFormat) -> tuple[Tensor, Tensor, Tensor]:
+    """Fields ``(sign, exponent, mantissa)`` of float32 values ``y`` of ``fmt``: (2.1)/(2.2) backwards."""
     E, M = fmt.exponent_bits, fmt.mantissa_bits
-    sign = (y >> 31) & 1
-    mag = y & 0x7FFFFFFF
-    field_ = mag >> _F32_MANT
+    bits = y.view(torch.int32).to(torch.int64)
+    sign = (bits >> 31) & 1
+    mag = bits & 0x7FFFFFFF
+    field_ = mag >> _F32_MANT  # float32's biased exponent
     frac = mag & 0x7FFFFF
-    sig = frac | ((field_ > 0).to(torch.int64) << _F32_MANT)
+    sig = frac | ((field_ > 0).to(torch.int64) << _F32_MANT)  # 1.f as an integer
     e_x = field_.clamp(min=1) - _F32_BIAS
     normal = (field_ > 0) & (e_x >= fmt.emin)
-    exponent = torch.where(normal, e_x + fmt.bias, torch.zeros_like(e_x))
-    sub_shift = ((fmt.emin - M) - (e_x - _F32_MANT)).clamp(min=0, max=31)
+    exponent = torch.where(normal, e_x + fmt.bias, torch.zeros_like(e_x))  # (2.1): e = e_x + bias
+    sub_shift = ((fmt.emin - M) - (e_x - _F32_MANT)).clamp(min=0, max=31)  # (2.2): f = |y| / 2^(emin - M)
     mantissa = torch.where(normal, frac >> (_F32_MANT - M), sig >> sub_shift)
-    all_ones = 2**E - 1
-    is_inf = mag == _F32_INF
-    is_nan = mag > _F32_INF
-    exponent = torch.where(is_inf | is_nan, torch.full_like(exponent, all_ones), exponent)
-    nan_mantissa = 2 ** (M - 1) if fmt.nan == "ieee" else 2**M - 1
+    is_inf, is_nan = mag == _F32_INF, mag > _F32_INF
+    exponent = torch.where(is_inf | is_nan, torch.full_like(exponent, 2**E - 1), exponent)
+    nan_mantissa = frac >> (_F32_MANT - M) if fmt.nan == "ieee" else torch.full_like(frac, 2**M - 1)
     mantissa = torch.where(is_inf, torch.zeros_like(mantissa), mantissa)
-    mantissa = torch.where(is_nan, torch.full_like(mantissa, nan_mantissa), mantissa)
+    mantissa = torch.where(is_nan, nan_mantissa, mantissa)
     return sign.to(torch.int32), exponent.to(torch.int32), mantissa.to(torch.int32)
 
 
+_FIELD_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
 def _check_field(name: str, value: Tensor | int, upper: int) -> Tensor:
-    t = torch.as_tensor(value)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= upper:
+        raise ValueError(f"{name} field must lie in [0, {upper}], got {value}")
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise TypeError(f"{name} must be an integer tensor or int, got {value!r} ({err})") from None
+    if t.dtype not in _FIELD_DTYPES:
         raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
     t = t.to(torch.int64)
     bad = (t < 0) | (t > upper)
@@ -359,20 +507,26 @@ def compose(sign: Tensor | int, exponent: Tensor | int, mantissa: Tensor | int, 
     >>> compose(0, 15, 6, FP8_E4M3), compose(0, 15, 7, FP8_E4M3)
     (tensor(448.), tensor(nan))
     """
+    fmt = _check_format(fmt, "compose")
     E, M = fmt.exponent_bits, fmt.mantissa_bits
     s = _check_field("sign", sign, 1)
     e = _check_field("exponent", exponent, 2**E - 1)
     f = _check_field("mantissa", mantissa, 2**M - 1)
-    s, e, f = torch.broadcast_tensors(s, e, f)
+    try:
+        s, e, f = torch.broadcast_tensors(s, e, f)
+    except RuntimeError:
+        shapes = ", ".join(str(tuple(t.shape)) for t in (s, e, f))
+        raise ValueError(f"sign, exponent and mantissa must broadcast, got shapes {shapes}") from None
     normal_bits = ((e - fmt.bias + _F32_BIAS).clamp(min=1) << _F32_MANT) | (f << (_F32_MANT - M))
     normal = normal_bits.to(torch.int32).view(torch.float32)
     subnormal = f.to(torch.float32) * _pow2(torch.tensor(fmt.emin - M))  # exact: f < 2^24 times 2^k
     value = torch.where(e == 0, subnormal, normal)
     top = e == 2**E - 1
+    special = (_F32_INF | (f << (_F32_MANT - M))).to(torch.int32).view(torch.float32)  # inf; NaN, payload f
     if fmt.nan == "ieee":
-        value = torch.where(top, torch.where(f == 0, torch.tensor(math.inf), torch.tensor(math.nan)), value)
+        value = torch.where(top, special, value)
     elif fmt.nan == "all_ones":
-        value = torch.where(top & (f == 2**M - 1), torch.tensor(math.nan), value)
+        value = torch.where(top & (f == 2**M - 1), special, value)
     return torch.where(s == 1, -value, value)
 
 
@@ -392,6 +546,7 @@ def decode(code: Tensor | int, fmt: FloatFormat) -> Tensor:
     >>> decode(0x3F800000, FP32), decode(0x7E, FP8_E4M3), decode(0b0111, FP4_E2M1)
     (tensor(1.), tensor(448.), tensor(6.))
     """
+    fmt = _check_format(fmt, "decode")
     c = _check_field("code", code, 2**fmt.total_bits - 1)
     M = fmt.mantissa_bits
     return compose(c >> (fmt.total_bits - 1), (c >> M) & (2**fmt.exponent_bits - 1), c & (2**M - 1), fmt)
@@ -406,11 +561,12 @@ def ulp(x: Tensor | float, fmt: FloatFormat) -> Tensor:
     >>> ulp(torch.tensor([1.0, 1000.0, 0.0]), FP16)
     tensor([9.7656e-04, 5.0000e-01, 5.9605e-08])
     """
-    _, e, _ = decompose(x, fmt)
-    e = e.to(torch.int64)
-    spacing = _pow2(e.clamp(min=1) - fmt.bias - fmt.mantissa_bits)
-    special = torch.isnan(round_to_format(x, fmt)) | torch.isinf(round_to_format(x, fmt))
-    return torch.where(special, torch.tensor(math.nan), spacing)
+    fmt = _check_format(fmt, "ulp")
+    x = _as_float32(x, "ulp")
+    y = x if fmt.is_float32 else _round_exact(x, fmt)
+    _, e, _ = _decompose(y, fmt)
+    spacing = _pow2(e.to(torch.int64).clamp(min=1) - fmt.bias - fmt.mantissa_bits)
+    return torch.where(torch.isfinite(y), spacing, torch.tensor(math.nan))
 
 
 def finite_values(fmt: FloatFormat) -> Tensor:
@@ -419,6 +575,7 @@ def finite_values(fmt: FloatFormat) -> Tensor:
     >>> finite_values(FP4_E2M1).tolist()
     [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
     """
+    fmt = _check_format(fmt, "finite_values")
     if fmt.total_bits > 16:
         raise ValueError(f"finite_values enumerates formats of <= 16 bits, {fmt.name} has {fmt.total_bits}")
     values = decode(torch.arange(2**fmt.total_bits), fmt)
@@ -450,10 +607,17 @@ def model_size(
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
         exact[name] = Fraction(int(value)) if isinstance(value, numbers.Integral) else Fraction(float(value))
-    total_bits = exact["n_params"] * exact["bits"]
     if group_size is not None:
         for name, value in (("group_size", group_size), ("scale_bits", scale_bits)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        total_bits += math.ceil(exact["n_params"] / int(group_size)) * int(scale_bits)
+        group_size, scale_bits = int(group_size), int(scale_bits)
+    return _model_size(exact["n_params"], exact["bits"], group_size, scale_bits)
+
+
+def _model_size(n_params: Fraction, bits: Fraction, group_size: int | None, scale_bits: int) -> int:
+    """(1.1) without argument checks, in exact rational arithmetic: weights, plus one scale per group."""
+    total_bits = n_params * bits
+    if group_size is not None:
+        total_bits += math.ceil(n_params / group_size) * scale_bits
     return math.ceil(total_bits / 8)

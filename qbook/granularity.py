@@ -87,7 +87,9 @@ class PerChannel:
 
     def groups(self, x: torch.Tensor) -> torch.Tensor:
         axis = _axis(self.axis, x.ndim)
-        return x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, numel // C)
+        channels = x.shape[axis]
+        per_channel = x.numel() // channels if channels else 0
+        return x.movedim(axis, 0).reshape(channels, per_channel)  # (C, numel // C)
 
     def expand(self, param: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         axis = _axis(self.axis, len(shape))
@@ -169,6 +171,14 @@ def rows_to_params(values: torch.Tensor, granularity: Granularity, shape: torch.
     tensor([[ 3.,  4.,  5.],
             [ 9., 10., 11.]])
     """
+    _check_granularity(granularity)
+    groups = qparam_count(shape, granularity)
+    if not isinstance(values, torch.Tensor) or values.numel() != groups:
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(
+            f"values must hold one number per group, {groups} for {granularity} on shape {tuple(shape)}, "
+            f"got {got}"
+        )
     if isinstance(granularity, PerGroup):
         axis = _axis(granularity.axis, len(shape))
         moved = list(shape)
@@ -185,6 +195,10 @@ def minmax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, tor
     >>> lo.flatten().tolist(), hi.flatten().tolist()
     ([-2.0, 3.0], [1.0, 4.0])
     """
+    _check_granularity(granularity)
+    if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a real-valued tensor, got {got}")
     if x.numel() == 0:
         raise ValueError(f"cannot take the range of an empty tensor (shape {tuple(x.shape)})")
     rows = granularity.groups(x)  # (G, n)
@@ -205,4 +219,12 @@ def qparam_count(shape: tuple[int, ...] | torch.Size, granularity: Granularity) 
     >>> qparam_count((4096, 4096), PerGroup(axis=1, group_size=128))
     131072
     """
+    _check_granularity(granularity)
     return math.prod(granularity.param_shape(tuple(shape)))
+
+
+def _check_granularity(granularity: object) -> None:
+    if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
+        raise TypeError(
+            f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(axis, size), got {granularity!r}"
+        )

@@ -644,3 +644,164 @@ def test_sqnr_db_bad_input(x, x_hat, error, match):
 
     with pytest.raises(error, match=match):
         sqnr_db(x, x_hat)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 8 regressions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_zero_point_is_exact_on_grids_wider_than_2_to_24():
+    scale, zero_point = calc_qparams(-512.0, 0.0, -(2**31), 2**31 - 1)
+    assert zero_point.item() == 2**31 - 1  # float32 arithmetic wrapped to -2^31
+    g = torch.Generator().manual_seed(21)
+    xmin = -torch.rand(200, generator=g) * 1000  # (200,)
+    xmax = torch.rand(200, generator=g) * 1000
+    for qmin, qmax in [(-(2**31), 2**31 - 1), (0, 2**31 - 1), (-(2**30), 2**25), (-(2**24) - 3, 2**24 + 5)]:
+        scale, zero_point = calc_qparams(xmin, xmax, qmin, qmax)
+        shift = torch.round(xmin / scale).to(torch.int64)  # float32, as (3.3) says; then exact integers
+        expected = [min(max(qmin - int(k), qmin), qmax) for k in shift.tolist()]
+        assert zero_point.tolist() == expected
+
+
+def test_range_wider_than_float32_gets_a_finite_scale():
+    scale, zero_point = calc_qparams(-3e38, 3e38, -128, 127)
+    exact = (float(torch.tensor(3e38)) * 2) / 255  # float64: xmax - xmin is exact there
+    assert math.isfinite(scale.item()) and scale.item() == pytest.approx(exact, rel=1e-6)
+    assert zero_point.item() == 0  # -128 - round(-127.5): ties to even
+    x = torch.tensor([-3e38, 0.0, 3e38])
+    assert quantize(x, scale, zero_point, -128, 127).tolist() == [-128, 0, 127]
+    # per channel: the other channels get exactly what they get alone
+    lo, hi = torch.tensor([-3e38, -1.0, 0.5]), torch.tensor([3e38, 2.0, 0.75])
+    scales, zero_points = calc_qparams(lo, hi, -128, 127)
+    for i in (1, 2):
+        alone = calc_qparams(lo[i], hi[i], -128, 127)
+        assert torch.equal(scales[i], alone[0]) and torch.equal(zero_points[i], alone[1])
+    assert torch.equal(scales[0], scale)
+    sym_scale, _ = calc_qparams(-3e38, 3e38, -127, 127, symmetric=True)
+    assert sym_scale.item() == pytest.approx(3e38 / 127, rel=1e-6)
+
+
+def test_scale_beyond_float32_is_a_value_error():
+    with pytest.raises(ValueError, match=r"needs a scale beyond float32's largest.*grid \[0, 1\]"):
+        calc_qparams(-3e38, 3e38, 0, 1)
+    with pytest.raises(ValueError, match="beyond float32"):
+        calc_qparams(0.0, 3e38, 0, 1, symmetric=True)
+
+
+def test_calc_qparams_shape_mismatch_names_the_shapes():
+    with pytest.raises(ValueError, match=r"\(2,\) and \(3,\)"):
+        calc_qparams(torch.zeros(2), torch.ones(3), -128, 127)
+    scale, zero_point = calc_qparams(torch.zeros(2, 1), torch.ones(3), -128, 127)  # broadcasting is fine
+    assert scale.shape == zero_point.shape == (2, 3)
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        calc_qparams(0.0, 1.0, -128, 127, symmetric="yes")
+
+
+@pytest.mark.parametrize(
+    ("qmin", "qmax"), [(-2, -1), (-10, -3), (1, 10), (0, 255), (-128, 127), (-5, 0), (3, 4)]
+)
+def test_symmetric_zero_point_lies_on_the_grid(qmin, qmax):
+    _, zero_point = calc_qparams(0.0, 1.0, qmin, qmax, symmetric=True)
+    assert qmin <= zero_point.item() <= qmax
+    assert zero_point.item() == (0 if qmin < 0 <= qmax else (qmin + qmax + 1) // 2)
+
+
+def test_zero_point_range_check_does_not_cast_the_bounds():
+    x = torch.tensor([0.5, 1.0, -3.0, 25.0])
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.float32):
+        q = quantize(x, 0.1, torch.tensor(5, dtype=dtype), 0, 255)  # 255 does not fit int8
+        assert torch.equal(q, quantize(x, 0.1, 5, 0, 255))
+        assert torch.equal(dequantize(q, 0.1, torch.tensor(5, dtype=dtype)), dequantize(q, 0.1, 5))
+    with pytest.raises(ValueError, match=r"\[200, 300\], got -50"):
+        quantize(x, 0.1, torch.tensor(-50, dtype=torch.int8), 200, 300)
+    with pytest.raises(ValueError, match=r"got -50 \(at index \(1,\)\)"):
+        quantize(x, 0.1, torch.tensor([250, -50, 250, 250], dtype=torch.int16), 200, 300)
+    with pytest.raises(ValueError, match="got 200"):
+        quantize(x, 0.1, torch.tensor(200, dtype=torch.uint8), -128, 127)
+    with pytest.raises(ValueError, match="2147483648"):
+        quantize(x, 0.1, torch.tensor([2.0**31] * 4, dtype=torch.float32), -(2**31), 2**31 - 1)
+    with pytest.raises(ValueError, match="int32"):
+        dequantize(torch.tensor([1], dtype=torch.int8), 0.1, 2**40)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast paths: chunked processing equals the plain composition
+# ---------------------------------------------------------------------------------------------------------
+
+
+def composition(x, scale, zero_point, qmin, qmax):
+    """(3.1) and (3.2) written out, float64 where the integers need it; per-group parameters repeated."""
+    work = torch.float64 if max(-qmin, qmax) > 2**24 else torch.float32
+    codes = torch.round(x / scale).to(work) + torch.as_tensor(zero_point).to(work)
+    q = codes.clamp(qmin, qmax)
+    x_hat = (q - torch.as_tensor(zero_point).to(work)).to(torch.float32) * scale
+    return q.to(torch.int64), x_hat, (codes >= qmin) & (codes <= qmax)
+
+
+CHUNK_CASES = [
+    (PerTensor(), (37, 11)),
+    (PerChannel(0), (37, 11)),
+    (PerChannel(1), (37, 11)),
+    (PerGroup(1, 4), (19, 12)),
+    (PerGroup(0, 3), (18, 5)),
+    (PerGroup(-1, 5), (3, 7, 10)),
+    (None, (1000,)),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 17])
+@pytest.mark.parametrize(("granularity", "shape"), CHUNK_CASES, ids=str)
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (0, 15), (-(2**31), 2**31 - 1)])
+def test_chunked_paths_equal_the_composition(monkeypatch, chunk, granularity, shape, qmin, qmax):
+    monkeypatch.setattr(qbook.affine, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(sum(shape) + chunk)
+    x = torch.randn(shape, generator=g) * 4
+    x.view(-1)[::17] = tie_heavy(0.03, x.numel())[::17] if x.numel() >= 17 else x.view(-1)[::17]
+    x.view(-1)[5] = math.inf
+    granularity_or_tensor = granularity if granularity is not None else PerTensor()
+    xmin, xmax = qbook.granularity.minmax(x.clamp(-50, 50), granularity_or_tensor)
+    scale, zero_point = calc_qparams(xmin, xmax, qmin, qmax)
+    if isinstance(granularity, PerGroup):
+        axis = granularity.axis % x.ndim
+        s_full = scale.repeat_interleave(granularity.group_size, dim=axis)
+        z_full = zero_point.repeat_interleave(granularity.group_size, dim=axis)
+    else:
+        s_full, z_full = scale, zero_point
+    q_ref, x_hat_ref, inside_ref = composition(x, s_full, z_full, qmin, qmax)
+    before = x.clone()
+    q = quantize(x, scale, zero_point, qmin, qmax, granularity=granularity)
+    assert q.dtype == dtype_for_range(qmin, qmax) and torch.equal(q.to(torch.int64), q_ref)
+    assert torch.equal(dequantize(q, scale, zero_point, granularity=granularity), x_hat_ref)
+    xg = x.clone().requires_grad_(True)
+    y = fake_quantize(xg, scale, zero_point, qmin, qmax, granularity=granularity)
+    assert torch.equal(y.detach(), x_hat_ref)
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(xg.grad, 3.0 * inside_ref.float())
+    assert torch.equal(x, before)
+
+
+def test_nan_in_a_later_chunk_is_found(monkeypatch):
+    monkeypatch.setattr(qbook.affine, "_CHUNK", 10)
+    x = torch.randn(20, 10)
+    x[17, 3] = math.nan
+    x[2, 2], x[2, 3] = math.inf, -math.inf  # inf - inf in an earlier chunk's sum: not a NaN of x
+    with pytest.raises(ValueError, match=r"1 NaN value\(s\), the first at index \(17, 3\)"):
+        quantize(x, 0.1, 0, -128, 127)
+    with pytest.raises(ValueError, match=r"index \(17, 3\)"):
+        fake_quantize(x, 0.1, 0, -128, 127)
+    x[17, 3] = 1.0
+    assert quantize(x, 0.1, 0, -128, 127)[2, 2:4].tolist() == [127, -128]
+
+
+def test_per_group_quantize_needs_no_repeated_parameters(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("per-group parameters were repeated")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", forbidden)
+    x = torch.randn(8, 64)
+    granularity = PerGroup(1, 16)
+    scale, zero_point = calc_qparams(*qbook.granularity.minmax(x, granularity), -8, 7)
+    q = quantize(x, scale, zero_point, -8, 7, granularity=granularity)
+    dequantize(q, scale, zero_point, granularity=granularity)
+    fake_quantize(x, scale, zero_point, -8, 7, granularity=granularity)

@@ -31,6 +31,7 @@ from qbook.formats import (
     finite_values,
     model_size,
     round_to_format,
+    round_to_format_reference,
     ulp,
 )
 
@@ -101,38 +102,46 @@ def every_16_bit_value_and_midpoint(dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([values, grid_and_midpoints(values)])
 
 
-# --- agreement with torch's casts ---------------------------------------------------------------------
+# --- agreement with torch's casts (the fast function and the bit-level reference) ----------------------
+ROUNDERS = [round_to_format, round_to_format_reference]
+
+
+@pytest.mark.parametrize("rounder", ROUNDERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("fmt", TORCH_FORMATS, ids=lambda f: f.name)
-def test_matches_torch_on_strided_sweep_of_all_float32_patterns(fmt):
+def test_matches_torch_on_strided_sweep_of_all_float32_patterns(fmt, rounder):
     x = bits_to_f32(torch.arange(0, 2**32, 8191))  # ~524k patterns, every exponent and sign
-    assert_same_bits(round_to_format(x, fmt), torch_cast(x, fmt))
+    assert_same_bits(rounder(x, fmt), torch_cast(x, fmt))
 
 
+@pytest.mark.parametrize("rounder", ROUNDERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("fmt", TORCH_FORMATS, ids=lambda f: f.name)
-def test_matches_torch_on_random_bit_patterns(fmt):
+def test_matches_torch_on_random_bit_patterns(fmt, rounder):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-(2**31), 2**31, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
     x = x.view(torch.float32)
-    assert_same_bits(round_to_format(x, fmt), torch_cast(x, fmt))
+    assert_same_bits(rounder(x, fmt), torch_cast(x, fmt))
 
 
+@pytest.mark.parametrize("rounder", ROUNDERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("fmt", TORCH_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("source", [torch.float16, torch.bfloat16], ids=["fp16-patterns", "bf16-patterns"])
-def test_matches_torch_on_every_16_bit_pattern_and_midpoint(fmt, source):
+def test_matches_torch_on_every_16_bit_pattern_and_midpoint(fmt, source, rounder):
     x = every_16_bit_value_and_midpoint(source)
-    assert_same_bits(round_to_format(x, fmt), torch_cast(x, fmt))
+    assert_same_bits(rounder(x, fmt), torch_cast(x, fmt))
 
 
+@pytest.mark.parametrize("rounder", ROUNDERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("fmt", TORCH_FORMATS[2:], ids=lambda f: f.name)
-def test_matches_torch_on_every_fp8_value_and_midpoint(fmt):
+def test_matches_torch_on_every_fp8_value_and_midpoint(fmt, rounder):
     values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fmt.torch_dtype).float()
     x = grid_and_midpoints(values)
-    assert_same_bits(round_to_format(x, fmt), torch_cast(x, fmt))
-    assert_same_bits(round_to_format(values, fmt), values)  # representable values are fixed points
+    assert_same_bits(rounder(x, fmt), torch_cast(x, fmt))
+    assert_same_bits(rounder(values, fmt), values)  # representable values are fixed points
 
 
+@pytest.mark.parametrize("rounder", ROUNDERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("fmt", TORCH_FORMATS, ids=lambda f: f.name)
-def test_matches_torch_on_edge_cases(fmt):
+def test_matches_torch_on_edge_cases(fmt, rounder):
     top = torch.tensor([fmt.max], dtype=torch.float64)
     spacing_at_max = 2.0 ** (fmt.emax - fmt.mantissa_bits)
     thresholds = torch.cat([top, top + spacing_at_max / 2, top + spacing_at_max, top * 4]).float()
@@ -140,7 +149,7 @@ def test_matches_torch_on_edge_cases(fmt):
                          fmt.min_normal - fmt.min_subnormal / 2, fmt.min_normal - fmt.min_subnormal]).float()
     x = torch.cat([special_inputs(), next_up_down(thresholds), next_up_down(tiny)])
     x = torch.cat([x, -x])
-    assert_same_bits(round_to_format(x, fmt), torch_cast(x, fmt))
+    assert_same_bits(rounder(x, fmt), torch_cast(x, fmt))
 
 
 def test_overflow_thresholds_follow_the_formats_rules():
@@ -207,6 +216,7 @@ def test_mx_formats_match_brute_force_enumeration(fmt):
                    torch.tensor([0.0, -0.0, 1e30, -1e30, math.inf, -math.inf, 1e-30])])
     expected = torch.from_numpy(brute_force_round(x.numpy(), e_bits, m_bits))
     assert_same_bits(round_to_format(x, fmt), expected)
+    assert_same_bits(round_to_format_reference(x, fmt), expected)
 
 
 def test_known_spec_values():
@@ -397,3 +407,97 @@ def test_model_size_rejects_bad_arguments(args, kwargs, match):
 def test_module_exports():
     assert set(formats.__all__) <= set(dir(formats))
     assert set(ALL) == {FP32, FP16, BF16, FP8_E4M3, FP8_E5M2, FP6_E3M2, FP6_E2M3, FP4_E2M1}
+
+
+# --- issue 8 regressions ------------------------------------------------------------------------------
+def test_compose_mismatched_shapes_and_dtypes_name_them():
+    with pytest.raises(ValueError, match=r"\(2,\), \(3,\), \(\)"):
+        compose(torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), 0, FP16)
+    with pytest.raises(TypeError, match="torch.uint16"):
+        compose(torch.zeros(2, dtype=torch.uint16), 1, 0, FP16)
+    with pytest.raises(TypeError, match="torch.float64"):
+        compose(0, torch.ones(2, dtype=torch.float64), 0, FP16)
+    with pytest.raises(ValueError, match=r"\[0, 31\], got 1180591620717411303424"):
+        compose(0, 2**70, 0, FP16)
+    with pytest.raises(TypeError, match="sign must be an integer"):
+        compose(object(), 1, 0, FP16)
+
+
+@pytest.mark.parametrize("bias", [3.5, 3.0, "7", True, None])
+def test_float_format_bias_must_be_an_integer(bias):
+    if bias is None:
+        assert FloatFormat("x", 4, 3).bias == 7
+        return
+    with pytest.raises(TypeError, match="bias must be an integer"):
+        FloatFormat("x", 4, 3, bias=bias)
+
+
+def test_float_format_accepts_integer_like_bias():
+    fmt = FloatFormat("x", 4, 3, bias=np.int64(6), has_inf=False, nan="all_ones", saturate=True)
+    assert type(fmt.bias) is int and fmt.bias == 6
+    assert round_to_format(torch.tensor([1000.0]), fmt).item() == fmt.max == 896
+
+
+def test_degenerate_formats_are_rejected():
+    # E1M0 whose only non-zero pattern is NaN: no finite nonzero value to round to (it used to round to 1.0)
+    with pytest.raises(ValueError, match="no finite nonzero number"):
+        FloatFormat("E1M0", 1, 0, has_inf=False, nan="all_ones", saturate=True)
+    with pytest.raises(TypeError, match="has_inf must be a bool"):
+        FloatFormat("x", 4, 3, has_inf=1)
+    with pytest.raises(ValueError, match="exponent_bits"):
+        FloatFormat("x", True, 3)
+
+
+@st.composite
+def float_formats(draw) -> FloatFormat:
+    """Any valid small format: E, M, bias, special-value style."""
+    E = draw(st.integers(1, 5))
+    M = draw(st.integers(0, 4))
+    style = draw(st.sampled_from(["ieee", "all_ones", "none", "none"]))
+    bias = draw(st.integers(-3, 2 ** (E - 1) + 3))
+    kwargs = {"ieee": {}, "all_ones": {"has_inf": False, "nan": "all_ones"},
+              "none": {"has_inf": False, "nan": "none", "saturate": True}}[style]
+    if style != "none":
+        kwargs["saturate"] = draw(st.booleans())
+    try:
+        return FloatFormat("custom", E, M, bias=bias, **kwargs)
+    except ValueError:
+        from hypothesis import assume
+
+        assume(False)
+        raise
+
+
+@settings(max_examples=150, deadline=None)
+@given(fmt=float_formats(), seed=st.integers(0, 2**16))
+def test_every_format_rounds_only_to_values_it_holds(fmt, seed):
+    values = decode(torch.arange(2**fmt.total_bits), fmt)  # every value the format can hold
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([grid_and_midpoints(values), torch.randn(2000, generator=g) * fmt.max,
+                   torch.tensor([math.inf, -math.inf, 0.0, -0.0, 3e38, 1e-45])])
+    y = round_to_format(x, fmt)
+    held = torch.isin(y.view(torch.int32), values.view(torch.int32))
+    if fmt.nan != "none":
+        held |= torch.isnan(y)  # any NaN stands for the format's NaN
+    assert bool(held.all()), y[~held][:5]
+    assert_same_bits(y, round_to_format_reference(x, fmt))
+
+
+def test_format_names_are_a_type_error():
+    for fn in (round_to_format, round_to_format_reference, decompose, encode, ulp):
+        with pytest.raises(TypeError, match="FloatFormat"):
+            fn(torch.ones(2), "FP16")
+    with pytest.raises(TypeError, match="FloatFormat"):
+        compose(0, 1, 0, "FP16")
+    with pytest.raises(TypeError, match="FloatFormat"):
+        finite_values("FP4_E2M1")
+
+
+def test_decompose_fp32_keeps_the_nan_payload():
+    bits = torch.tensor([0x7F800001, 0xFFC00001 - 2**32, 0x7FA12345, 0x7FC00000]).to(torch.int32)
+    sign, exponent, mantissa = decompose(bits.view(torch.float32), FP32)
+    assert sign.tolist() == [0, 1, 0, 0] and exponent.tolist() == [255] * 4
+    assert mantissa.tolist() == [0x000001, 0x400001, 0x212345, 0x400000]
+    assert torch.equal(compose(sign, exponent, mantissa, FP32).view(torch.int32), bits)
+    # other formats store their canonical NaN, with the input's sign
+    assert [int(t) for t in decompose(-torch.tensor(math.nan), FP16)] == [1, 31, 512]
