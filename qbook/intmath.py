@@ -34,6 +34,7 @@ tensor([[ 2,  3],
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral, Real
 from typing import Literal, NamedTuple
@@ -281,6 +282,12 @@ def _int_mm_on_cpu() -> bool:
     return _int_mm_cpu
 
 
+@functools.lru_cache(maxsize=16)
+def _ones_column(K: int) -> torch.Tensor:
+    """A (K, 1) int8 column of ones (cached: a GEMV with it gives row sums)."""
+    return torch.ones(K, 1, dtype=torch.int8)
+
+
 def _zero_point_value(zero_point: object, n: int, side: Literal["a", "b"]) -> int | torch.Tensor:
     """A checked zero point: a Python int, or an int64 tensor (M, 1) for ``a`` / (1, N) for ``b``."""
     if type(zero_point) is int and INT32_MIN <= zero_point <= INT32_MAX:
@@ -336,7 +343,8 @@ def _int_matmul_int8(
     if not isinstance(za, int):
         za = za.to(dtype)
     if zb_nonzero:  # - zb * (sum_k a_ik - K za): the row sums and the constant K za zb in one pass
-        a_terms = a.sum(dim=1, keepdim=True, dtype=dtype) - K * za  # (M, 1)
+        a_row_sums = torch._int_mm(a, _ones_column(K))  # (M, 1): a GEMV, faster than a.sum here
+        a_terms = a_row_sums.to(dtype) - K * za  # (M, 1)
         if isinstance(zb, int):
             acc.sub_(a_terms, alpha=zb)
         else:

@@ -804,18 +804,20 @@ def test_int_mm_path_is_taken_and_the_fallback_agrees(monkeypatch: pytest.Monkey
     int_mm = torch._int_mm
 
     def spy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        calls.append((x.dtype, tuple(x.shape)))
+        calls.append((x.dtype, tuple(x.shape), tuple(y.shape)))
         return int_mm(x, y)
 
     assert intmath._int_mm_on_cpu()  # probed before the spy goes in
     monkeypatch.setattr(torch, "_int_mm", spy)
     fast = [int_matmul(a, b, za, zb) for za, zb in ((0, 0), (128, 0), (3, 0), (128, 7), (3, 7))]
-    # uint8 a is shifted by 128: only za = 128 needs no column sums of b (no extra row of ones)
-    assert calls == [(torch.int8, (10, 40)), (torch.int8, (9, 40)), (torch.int8, (10, 40)),
-                     (torch.int8, (9, 40)), (torch.int8, (10, 40))]  # fmt: skip
+    # uint8 a is shifted by 128: only za = 128 needs no column sums of b (no extra row of ones); zb != 0
+    # needs the row sums of a, a product with a column of ones
+    i8, ab, ab_sums, row_sums = torch.int8, ((9, 40), (40, 6)), ((10, 40), (40, 6)), ((9, 40), (40, 1))
+    assert calls == [(i8, *ab_sums), (i8, *ab), (i8, *ab_sums), (i8, *ab), (i8, *row_sums), (i8, *ab_sums),
+                     (i8, *row_sums)]  # fmt: skip
     monkeypatch.setattr(intmath, "_int_mm_cpu", False)  # a torch without the CPU kernel
     slow = [int_matmul(a, b, za, zb) for za, zb in ((0, 0), (128, 0), (3, 0), (128, 7), (3, 7))]
-    assert len(calls) == 5 and all(torch.equal(x, y) for x, y in zip(fast, slow, strict=True))
+    assert len(calls) == 7 and all(torch.equal(x, y) for x, y in zip(fast, slow, strict=True))
 
 
 def test_int_mm_path_overflow_bound_is_exact() -> None:
