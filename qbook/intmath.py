@@ -282,6 +282,21 @@ def _int_mm_on_cpu() -> bool:
     return _int_mm_cpu
 
 
+def _blas_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (R, C) with strides ``torch._int_mm`` reads correctly: (C, 1) or (1, R), else a contiguous copy.
+
+    torch 2.13's CPU ``_int_mm`` misreads matrices with a size-1 dimension whose stride is not the canonical
+    one, e.g. a (1, N) operand with strides (1, 1) (the transpose of an (N, 1) column): the result is
+    garbage. Such a tensor is contiguous, so the canonical strides address the same elements: a free view.
+    """
+    R, C = x.shape
+    if x.is_contiguous():
+        return x if x.stride() == (C, 1) else x.as_strided((R, C), (C, 1))
+    if x.t().is_contiguous():  # column-major, R, C >= 2: strides (1, R)
+        return x
+    return x.contiguous()
+
+
 @functools.lru_cache(maxsize=16)
 def _ones_column(K: int) -> torch.Tensor:
     """A (K, 1) int8 column of ones (cached: a GEMV with it gives row sums)."""
@@ -325,6 +340,7 @@ def _int_matmul_int8(
         a, za = (a ^ 128).view(torch.int8), za - 128  # q - 128 in int8: flip the top bit
     if b.dtype == torch.uint8:
         b, zb = (b ^ 128).view(torch.int8), zb - 128
+    a, b = _blas_layout(a), _blas_layout(b)
     za_nonzero = not isinstance(za, int) or za != 0
     zb_nonzero = not isinstance(zb, int) or zb != 0
     if not (za_nonzero or zb_nonzero):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import sys
 from fractions import Fraction
@@ -832,3 +833,18 @@ def test_int_mm_path_overflow_bound_is_exact() -> None:
     assert torch.equal(got, torch.full((2, 3), 16000 * -255 * 255, dtype=torch.int32))
     with pytest.raises(OverflowError, match="does not fit int32"):
         int_matmul(torch.cat([a_col, a_col], 1), torch.cat([b_col, b_col]), 127, -128)
+
+
+def test_int_mm_path_on_every_layout() -> None:
+    """torch 2.13's CPU _int_mm misreads size-1 dimensions with odd strides (a (1, N) matrix with strides
+    (1, 1), the transpose of a column); int_matmul hands it canonical strides and stays exact."""
+    gen = torch.Generator().manual_seed(12)
+    for M, K, N in itertools.product([1, 2, 3], [1, 2, 5], [1, 2, 3]):
+        a = _randint(gen, -128, 127, (M, K), torch.int8)
+        w = _randint(gen, -128, 127, (N, K), torch.int8)  # (N, K): used as w.T, as nn.Linear does
+        a_t = a.T.clone(memory_format=torch.contiguous_format).T  # column-major; odd strides if M or K is 1
+        for x in (a, a_t, a.as_strided((M, K), (K if M > 1 else 7, 1 if K > 1 else 3))):
+            for y in (w.T, w.T.contiguous(), w.T.clone(memory_format=torch.contiguous_format)):
+                for za, zb in ((0, 0), (3, 0), (0, -2), (3, -2)):
+                    expected = intmath.int_matmul_reference(x, y, za, zb).to(torch.int32)
+                    assert torch.equal(int_matmul(x, y, za, zb), expected), (M, K, N, x.stride(), y.stride())

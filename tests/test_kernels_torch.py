@@ -124,3 +124,12 @@ def test_cpu_requantize_is_the_float32_composition() -> None:
     y = (a.long() @ b.long()).float() * a_scale[:, None] * b_scale[None, :] + bias
     expected = (torch.round(y / torch.tensor(0.37)) - 3).clamp(-128, 127).to(torch.int8)
     assert q.dtype == torch.int8 and torch.equal(q, expected)
+
+
+def test_cpu_path_on_every_layout() -> None:
+    """Size-1 dimensions with odd strides (which torch 2.13's CPU _int_mm misreads) give the exact product."""
+    for M, K, N in ((1, 1, 2), (3, 1, 2), (1, 2, 1), (2, 3, 1), (1, 8, 1)):
+        a, b = _operands(M, K, N, seed=M * 100 + K * 10 + N)
+        for x in (a, a.T.clone(memory_format=torch.contiguous_format).T):
+            for y in (b, b.T.clone(memory_format=torch.contiguous_format).T):  # K = 1: (1, N), strides (1, 1)
+                assert torch.equal(int8_matmul(x, y, backend="torch"), (x.long() @ y.long()).int())

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qbook.intmath import _int_mm_on_cpu
+from qbook.intmath import _blas_layout, _int_mm_on_cpu
 
 if TYPE_CHECKING:
     from . import Epilogue
@@ -36,9 +36,10 @@ def int_mm_allowed(M: int, N: int, K: int, device: torch.device) -> bool:
 
 
 def int_mm_cpu_allowed(K: int) -> bool:
-    """Whether ``torch._int_mm`` gives the exact product of int8 CPU matrices: any M, N >= 1 and any strides
-    (checked for torch 2.13 on every M, K, N up to 33 and on the extremes), while ``K <= K_MAX = 131071``,
-    where no partial sum can leave int32 — and this torch build has the CPU kernel.
+    """Whether ``torch._int_mm`` gives the exact product of int8 CPU matrices: any M, N >= 1 (checked for
+    torch 2.13 on every M, K, N up to 33, on random strides and on the extremes; operands pass through
+    ``qbook.intmath._blas_layout`` first), while ``K <= K_MAX = 131071``, where no partial sum can leave
+    int32 — and this torch build has the CPU kernel.
 
     >>> int_mm_cpu_allowed(4096), int_mm_cpu_allowed(131072)
     (True, False)
@@ -93,7 +94,9 @@ def apply_epilogue(acc: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
 def int8_matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
     """``torch._int_mm`` where its shape rules allow and no overflow is possible, else the exact fallback."""
     (M, K), N = a.shape, b.shape[1]
-    if (a.is_cpu and int_mm_cpu_allowed(K)) or (int_mm_allowed(M, N, K, a.device) and K <= _K_MAX):
+    if a.is_cpu and int_mm_cpu_allowed(K):
+        acc = torch._int_mm(_blas_layout(a), _blas_layout(b))
+    elif int_mm_allowed(M, N, K, a.device) and K <= _K_MAX:
         acc = torch._int_mm(a, b)
     else:
         acc = exact_int8_matmul(a, b)
