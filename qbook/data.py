@@ -134,3 +134,69 @@ def sentences(n: int | None = None) -> list[str]:
 
 if __name__ == "__main__":  # run by _corpus() in a fresh interpreter
     print(json.dumps(_collect()))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Handwritten digits (scikit-learn's copy of the UCI optical digits test set) — chapter 7
+# --------------------------------------------------------------------------------------------------------
+
+#: Sizes of the fixed split of the 1,797 digits: training, calibration (unlabeled use) and test images.
+DIGITS_SPLITS: dict[str, int] = {"train": 1097, "calibration": 200, "test": 500}
+
+__all__ += ["DIGITS_SPLITS", "digits"]
+
+
+def digits(split: str = "train", *, integer: bool = False) -> tuple:
+    """The 8 x 8 handwritten digits of scikit-learn (1,797 images, 10 classes), in a fixed split — chapter 7.
+
+    Returns ``(x, y)``: ``x`` of shape ``(n, 1, 8, 8)`` and the labels ``y`` (int64, ``(n,)``). Each pixel is
+    an integer 0..16 (the count of set pixels in a 4 x 4 block of the original 32 x 32 bitmap): with
+    ``integer=True`` ``x`` holds them as ``torch.uint8``; by default as float32 ``pixel / 16`` in [0, 1] —
+    exact, so the float input is already on the grid ``scale = 1/16``, ``zero_point = 0`` (17 levels).
+
+    ``split`` is ``"train"`` (1,097 images), ``"calibration"`` (200) or ``"test"`` (500): a permutation drawn
+    once with NumPy's ``default_rng(0)``, the same on every machine. The data ships with scikit-learn;
+    nothing is downloaded.
+
+    >>> x, y = digits("calibration")
+    >>> tuple(x.shape), x.dtype, float(x.max()), tuple(y.shape)
+    ((200, 1, 8, 8), torch.float32, 1.0, (200,))
+    >>> digits("test", integer=True)[0].dtype
+    torch.uint8
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {tuple(DIGITS_SPLITS)}, got {split!r}")
+    if not isinstance(integer, bool):
+        raise TypeError(f"integer must be a bool, got {integer!r}")
+    import torch
+
+    pixels, labels = _digits()
+    order = _digits_order(len(labels))
+    start = 0
+    for name, size in DIGITS_SPLITS.items():
+        if name == split:
+            break
+        start += size
+    index = torch.from_numpy(order[start : start + DIGITS_SPLITS[split]])
+    x = torch.from_numpy(pixels)[index].unsqueeze(1)  # (n, 1, 8, 8) uint8
+    y = torch.from_numpy(labels)[index]
+    return (x if integer else x.float() / 16), y
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple:
+    """All 1,797 images as uint8 ``(1797, 8, 8)`` and their int64 labels (read once)."""
+    import numpy as np
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("qbook.data.digits needs scikit-learn: pip install scikit-learn") from e
+    data = load_digits()
+    return data.images.astype(np.uint8), data.target.astype(np.int64)
+
+
+def _digits_order(n: int):
+    import numpy as np
+
+    return np.random.default_rng(0).permutation(n)
