@@ -805,3 +805,39 @@ def test_per_group_quantize_needs_no_repeated_parameters(monkeypatch):
     q = quantize(x, scale, zero_point, -8, 7, granularity=granularity)
     dequantize(q, scale, zero_point, granularity=granularity)
     fake_quantize(x, scale, zero_point, -8, 7, granularity=granularity)
+
+
+MEMORY_SCRIPT = """
+import resource, sys, torch
+from qbook.affine import calc_qparams, quantize
+from qbook.granularity import PerGroup, minmax
+w = torch.randn(4096, 4096)  # (N, K)
+g = PerGroup(axis=1, group_size=128)
+scale, zero_point = calc_qparams(*minmax(w, g), -8, 7)  # (N, K // 128)
+def ours(x, s, z):
+    return quantize(x, s, z, -8, 7, granularity=g)
+def composition(x, s, z):  # the plain torch composition, parameters as views (N, K // 128, 1)
+    x = x.view(x.shape[0], -1, 128)
+    return torch.clamp(torch.round(x / s[..., None]) + z[..., None], -8, 7).to(torch.int8)
+fn = ours if sys.argv[1] == "ours" else composition
+fn(w[:64], scale[:64], zero_point[:64])  # load the code paths first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+q = fn(w, scale, zero_point)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)  # KiB
+"""
+
+
+def test_per_group_quantize_needs_less_memory_than_the_composition():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("resource")  # the peak resident memory of a fresh process (POSIX)
+    peak = {}
+    for which in ("ours", "composition"):
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, which], capture_output=True, text=True,
+                             check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peak[which] = int(out.stdout.split()[-1])  # above the baseline, the 16 MiB result included
+    assert peak["ours"] <= 1.5 * peak["composition"], peak
+    if sys.platform.startswith("linux"):  # ru_maxrss in KiB
+        assert peak["ours"] <= 24 * 1024, peak  # the int8 result (16 MiB) and a chunk of scratch space
