@@ -453,7 +453,7 @@ def zero_point_terms(
     a64, b64 = a.cpu(), b.cpu()
     amax, bmax, zamax, zbmax = _absmax(a64), _absmax(b64), _absmax(za), _absmax(zb)
     bound = K * (amax * bmax + zbmax * amax + zamax * bmax + zamax * zbmax)
-    if bound >= 2**63:
+    if bound >= 2**63 and M and N:  # (M, N) terms: none when the result is empty
         raise OverflowError(
             f"zero_point_terms: the terms of (4.4) may reach {bound}, beyond int64; use int_matmul"
         )

@@ -259,8 +259,9 @@ def test_accumulate_fuzz(data: st.DataObject) -> None:
         assert final is None
         return
     half = 2 ** (acc_bits - 1)
-    products = (a.to(torch.int64) * b.to(torch.int64)).tolist()
-    for row, got in zip(products, steps.tolist(), strict=True):
+    K = steps.shape[-1]
+    products = (a.to(torch.int64) * b.to(torch.int64)).reshape(-1, K).tolist()
+    for row, got in zip(products, steps.reshape(-1, K).tolist(), strict=True):
         acc = 0
         for k, p in enumerate(row):
             acc = (
