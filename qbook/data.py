@@ -66,6 +66,8 @@ def is_sentence(text: str) -> bool:
     >>> is_sentence("return the arc cosine (measured in radians) of x.")  # no capital
     False
     """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     return (
         bool(text)
         and text[0].isupper()

@@ -88,25 +88,70 @@ class StreamingHistogram:
 
     def __init__(self, bins: int = 2048, origin: float | None = None) -> None:
         _check_bins(bins)
+        if origin is not None and (
+            isinstance(origin, bool) or not isinstance(origin, (int, float)) or not math.isfinite(origin)
+        ):
+            raise ValueError(f"origin must be None or a finite number, got {origin!r}")
         self.bins = bins
         self.origin = origin
         self.counts: torch.Tensor | None = None
 
     def update(self, rows: torch.Tensor) -> None:
         """Add the rows ``(G, n)`` (one histogram per row) to the counts."""
-        rows = rows.detach().to(torch.float64)
-        row_min, row_max = rows.amin(dim=1), rows.amax(dim=1)
+        if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
+            raise TypeError(f"update takes a floating-point tensor (G, n), got {_describe(rows)}")
+        if rows.ndim != 2 or 0 in rows.shape:
+            raise ValueError(f"update takes rows (G, n) with G, n >= 1, got shape {tuple(rows.shape)}")
+        if self.counts is not None and rows.shape[0] != self.counts.shape[0]:
+            raise ValueError(f"expected {self.counts.shape[0]} rows (groups), got {rows.shape[0]}")
+        rows = rows.detach()
+        row_min, row_max = torch.aminmax(rows, dim=1)
+        if not bool((row_min.isfinite() & row_max.isfinite()).all()):
+            raise ValueError(f"update got {_count_nonfinite(rows)}; the data must be finite")
+        self._add(rows, row_min.to(torch.float64), row_max.to(torch.float64))
+
+    def _add(self, rows: torch.Tensor, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
+        """:meth:`update` for checked, finite rows ``(G, n)`` whose float64 extremes are already known."""
         if self.counts is None:
             self._start(row_min, row_max)
-        elif rows.shape[0] != self.counts.shape[0]:
-            raise ValueError(f"expected {self.counts.shape[0]} rows (groups), got {rows.shape[0]}")
         self._grow(row_min, row_max)
         self.min = torch.minimum(self.min, row_min)
         self.max = torch.maximum(self.max, row_max)
+        self.counts += self._bin(rows)
+
+    def _bin_reference(self, rows: torch.Tensor) -> torch.Tensor:
+        """Counts ``(G, B)`` of ``rows`` on the current edges: bin ``floor((x - lo) / width)``, in float64."""
         G, B = self.counts.shape
-        index = ((rows - self.lo[:, None]) / self.width[:, None]).floor().clamp(0, B - 1).long()  # (G, n)
+        bins = ((rows.to(torch.float64) - self.lo[:, None]) / self.width[:, None]).floor()  # (G, n)
+        index = bins.clamp(0, B - 1).long()
         index += torch.arange(G, device=rows.device)[:, None] * B  # flat index into (G, B)
-        self.counts += torch.bincount(index.flatten(), minlength=G * B).reshape(G, B)
+        return torch.bincount(index.flatten(), minlength=G * B).reshape(G, B)
+
+    def _bin(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`_bin_reference`, bit for bit, in column chunks: no full-size float64 or index tensor.
+
+        The data lies in ``[lo, lo + B * width)``, so ``(x - lo) / width`` is ``>= 0`` (truncation is the
+        floor) and, after rounding, at most ``B``: the spare bin ``B`` of each row is folded into bin
+        ``B - 1``, which is what the reference's clamp does.
+        """
+        G, B = self.counts.shape
+        n = rows.shape[1]
+        step = min(n, max(1, max(_CHUNK, G * (B + 1)) // G))  # columns per chunk
+        lo, width = self.lo[:, None], self.width[:, None]
+        offsets = torch.arange(G, device=rows.device)[:, None] * (B + 1)  # row g counts into [g (B+1), ...)
+        work = torch.empty(G, step, dtype=torch.float64, device=rows.device)
+        counts = torch.zeros(G * (B + 1), dtype=torch.int64, device=rows.device)
+        for start in range(0, n, step):
+            part = rows[:, start : start + step]
+            t = work[:, : part.shape[1]]
+            t.copy_(part).sub_(lo).div_(width).clamp_(0, B)  # (G, c): the bin, before truncation
+            index = t.to(torch.int64)
+            if G > 1:
+                index += offsets
+            counts += torch.bincount(index.flatten(), minlength=G * (B + 1))
+        counts = counts.reshape(G, B + 1)
+        counts[:, B - 1] += counts[:, B]
+        return counts[:, :B]
 
     def _start(self, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
         lo = row_min if self.origin is None else row_min.clamp(max=self.origin)
@@ -133,14 +178,19 @@ class StreamingHistogram:
             self.lo = torch.where(below, self.lo - self.width * B, self.lo)
             self.width = torch.where(grow, 2 * self.width, self.width)
 
+    def _require_data(self) -> torch.Tensor:
+        if self.counts is None:
+            raise RuntimeError("the StreamingHistogram has seen no data yet; call update(rows) first")
+        return self.counts
+
     @property
     def total(self) -> torch.Tensor:
         """Number of values seen per row, ``(G,)``."""
-        assert self.counts is not None
-        return self.counts.sum(dim=1)
+        return self._require_data().sum(dim=1)
 
     def centers(self) -> torch.Tensor:
         """Bin centres ``(G, bins)``, float64."""
+        self._require_data()
         j = torch.arange(self.bins, dtype=torch.float64, device=self.lo.device)
         return self.lo[:, None] + (j + 0.5) * self.width[:, None]
 
@@ -151,7 +201,12 @@ class StreamingHistogram:
         taken as evenly spread. The estimate is therefore within one bin width of the truth, and exact for
         ``k = 0`` (the minimum) and ``k = n - 1`` (the maximum).
         """
-        assert self.counts is not None
+        counts = self._require_data()
+        integer = isinstance(k, torch.Tensor) and not (k.is_floating_point() or k.is_complex())
+        if not integer or k.dtype == torch.bool:
+            raise TypeError(f"k must be an integer tensor (G,), got {_describe(k)}")
+        if k.shape != (counts.shape[0],):
+            raise ValueError(f"k must have shape ({counts.shape[0]},), a rank per row, got {tuple(k.shape)}")
         cum = self.counts.cumsum(dim=1)  # (G, B)
         b = torch.searchsorted(cum, k[:, None].to(cum.dtype), right=True).clamp(max=self.bins - 1)  # (G, 1)
         in_bin = self.counts.gather(1, b).squeeze(1).to(torch.float64)
@@ -163,6 +218,9 @@ class StreamingHistogram:
 
     def percentile(self, p: float) -> torch.Tensor:
         """``numpy.percentile(row, p)`` (linear interpolation between order statistics), within one bin."""
+        self._require_data()
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 100:
+            raise ValueError(f"p must be a number in [0, 100], got {p!r}")
         rank = (p / 100.0) * (self.total - 1).to(torch.float64)  # (G,)
         k0 = rank.floor().long()
         k1 = torch.minimum(k0 + 1, self.total - 1)
@@ -175,13 +233,27 @@ class StreamingHistogram:
 # --------------------------------------------------------------------------------------------------------
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+_CHUNK = 2**16  # elements per chunk when binning: the float64 work stays in the cache
+
+
+def _count_nonfinite(x: torch.Tensor) -> str:
+    """Describe the non-finite values of ``x`` (a slow path, run only once they are known to exist)."""
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    return f"{nan} NaN and {inf} infinite value(s) in a batch of shape {tuple(x.shape)}"
+
+
 def _check_positive_int(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _describe(x: object) -> str:
-    return f"{type(x).__name__} of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+    if isinstance(x, torch.Tensor):
+        return f"{type(x).__name__} of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -224,7 +296,10 @@ class Observer(ABC):
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         """Update the statistics with the batch ``x``; returns ``x`` unchanged (it can sit in a forward)."""
         rows = self._rows(x)
-        self._update(rows)
+        row_min, row_max = self._extremes(x, rows)
+        self._update(rows, row_min, row_max)
+        if self._state.shape is None:
+            self._state.shape = tuple(x.shape)
         self._state.batches += 1
         self._state.cached = None
         return x
@@ -249,16 +324,12 @@ class Observer(ABC):
         return calc_qparams(xmin, xmax, self.spec.qmin, self.spec.qmax, symmetric=self.spec.symmetric)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch as float32 rows ``(G, n)``, after the checks that need no pass over the data."""
         who = type(self).__name__
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{who} observes floating-point tensors, got {_describe(x)}")
         if x.numel() == 0:
             raise ValueError(f"{who} got an empty batch of shape {tuple(x.shape)}")
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            kind = "NaN" if torch.isnan(x).any() else "infinite"
-            raise ValueError(f"{who} got {int(bad.sum())} non-finite value(s) ({kind}) in a batch of shape "
-                             f"{tuple(x.shape)}; calibration data must be finite")
         first = self._state.shape
         if first is not None and self.granularity.param_shape(x.shape) != self.granularity.param_shape(first):
             raise ValueError(
@@ -266,13 +337,25 @@ class Observer(ABC):
                 f"the parameter shape changed from {self.granularity.param_shape(first)} to "
                 f"{self.granularity.param_shape(x.shape)}"
             )
-        if first is None:
-            self._state.shape = tuple(x.shape)
         return self.granularity.groups(x.detach().to(torch.float32))  # (G, n)
 
+    def _extremes(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``(min, max)`` in one pass; NaN and inf propagate into them, so they check finiteness."""
+        row_min, row_max = torch.aminmax(rows, dim=1)
+        if not bool((row_min.isfinite() & row_max.isfinite()).all()):
+            who = type(self).__name__
+            if bool(torch.isfinite(x).all()):  # finite float64 data beyond float32's range
+                raise ValueError(
+                    f"{who} got values up to {x.abs().max().item():.4g} in magnitude in a batch of shape "
+                    f"{tuple(x.shape)}: beyond float32's range ({_FLOAT32_MAX:.4g}), in which observers work"
+                )
+            raise ValueError(f"{who} got {_count_nonfinite(x)}; calibration data must be finite")
+        return row_min, row_max
+
     @abstractmethod
-    def _update(self, rows: torch.Tensor) -> None:
-        """Fold one batch, as rows ``(G, n)`` of its quantization groups, into the running statistics."""
+    def _update(self, rows: torch.Tensor, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
+        """Fold one batch, as rows ``(G, n)`` of its quantization groups with their extremes ``(G,)``, into
+        the running statistics."""
 
     @abstractmethod
     def _range_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,8 +383,7 @@ class MinMaxObserver(Observer):
 
     name: ClassVar[str] = "min/max"
 
-    def _update(self, rows: torch.Tensor) -> None:
-        row_min, row_max = rows.amin(dim=1), rows.amax(dim=1)
+    def _update(self, rows: torch.Tensor, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
         if self._state.batches == 0:
             self._state.min, self._state.max = row_min, row_max
         else:
@@ -338,8 +420,7 @@ class MovingAverageObserver(Observer):
             raise ValueError(f"averaging_constant must be in (0, 1], got {c!r}")
         super().__post_init__()
 
-    def _update(self, rows: torch.Tensor) -> None:
-        row_min, row_max = rows.amin(dim=1), rows.amax(dim=1)
+    def _update(self, rows: torch.Tensor, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
         if self._state.batches == 0:
             self._state.min, self._state.max = row_min, row_max
         else:
@@ -373,8 +454,8 @@ class _HistogramObserver(Observer):
         super().reset()
         self._state.hist = StreamingHistogram(self.bins)
 
-    def _update(self, rows: torch.Tensor) -> None:
-        self._state.hist.update(rows)
+    def _update(self, rows: torch.Tensor, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
+        self._state.hist._add(rows, row_min.to(torch.float64), row_max.to(torch.float64))
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -414,9 +495,11 @@ def _histogram_mse(hist: StreamingHistogram, alphas: torch.Tensor, spec: QuantSp
     xmax = alphas[:, None] * hist.max[None, :]
     scale, zero_point = calc_qparams(xmin, xmax, spec.qmin, spec.qmax, symmetric=spec.symmetric)
     scale, zero_point = scale[:, :, None], zero_point[:, :, None]  # (C, G, 1)
-    centers = hist.centers().to(torch.float32).expand(alphas.numel(), -1, -1)  # (C, G, B)
+    centers = hist.centers().clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # bins past float32's range are empty
+    centers = centers.to(torch.float32).expand(alphas.numel(), -1, -1)  # (C, G, B)
     q = quantize(centers, scale, zero_point, spec.qmin, spec.qmax)  # (C, G, B)
     error = (centers - dequantize(q, scale, zero_point)).to(torch.float64) ** 2
+    error = torch.where(hist.counts > 0, error, 0.0)  # an empty bin costs 0, even where a level overflows
     return (hist.counts * error).sum(dim=2) / hist.total
 
 
@@ -498,10 +581,8 @@ def kl_divergence(counts: torch.Tensor, stops: torch.Tensor, levels: int) -> tor
     >>> kl_divergence(counts, torch.tensor([2, 6]), levels=2).flatten()
     tensor([0.0759, 0.0467], dtype=torch.float64)
     """
+    counts, stops = _check_kl(counts, stops, levels)
     G, B = counts.shape
-    stops = torch.as_tensor(stops, dtype=torch.int64, device=counts.device).flatten()
-    if ((stops < levels) | (stops > B)).any():
-        raise ValueError(f"every stop must lie in [levels, bins] = [{levels}, {B}], got {stops.tolist()}")
     C = stops.numel()
     counts = counts.to(torch.float64)
     sum_c, sum_nz = _prefix(counts), _prefix((counts > 0).double())  # (G, B + 1)
@@ -529,6 +610,26 @@ def kl_divergence(counts: torch.Tensor, stops: torch.Tensor, levels: int) -> tor
     plogq = torch.where(P > 0, P * log_q, torch.zeros_like(P)).sum(dim=2)
     kl = (plogp - plogq) / total - torch.log(total) + torch.log(inside.clamp(min=1e-300))
     return torch.where(starved, torch.full_like(kl, math.inf), kl.clamp(min=0.0))
+
+
+def _check_kl(counts: object, stops: object, levels: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(counts, torch.Tensor) or counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"counts must be a real number tensor (G, B), got {_describe(counts)}")
+    if counts.ndim != 2 or 0 in counts.shape:
+        raise ValueError(f"counts must be 2-D (G, B) with G, B >= 1, got shape {tuple(counts.shape)}")
+    if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+        raise ValueError("counts must be finite and non-negative (a histogram)")
+    _check_positive_int(levels, "levels")
+    stops = torch.as_tensor(stops, device=counts.device)
+    if stops.is_floating_point() or stops.is_complex() or stops.dtype == torch.bool:
+        raise TypeError(f"stops must be integers, got {_describe(stops)}")
+    stops = stops.to(torch.int64).flatten()
+    B = counts.shape[1]
+    if stops.numel() == 0:
+        raise ValueError("stops is empty; give at least one stop (candidate threshold)")
+    if ((stops < levels) | (stops > B)).any():
+        raise ValueError(f"every stop must lie in [levels, bins] = [{levels}, {B}], got {stops.tolist()}")
+    return counts, stops
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -568,9 +669,10 @@ class EntropyObserver(Observer):
         super().reset()
         self._state.hist = StreamingHistogram(self.bins, origin=0.0)
 
-    def _update(self, rows: torch.Tensor) -> None:
-        self._state.hist.update(rows.abs())
-        row_min, row_max = rows.amin(dim=1), rows.amax(dim=1)
+    def _update(self, rows: torch.Tensor, row_min: torch.Tensor, row_max: torch.Tensor) -> None:
+        magnitude = rows.abs()
+        abs_min, abs_max = torch.aminmax(magnitude, dim=1)
+        self._state.hist._add(magnitude, abs_min.to(torch.float64), abs_max.to(torch.float64))
         if self._state.batches == 0:
             self._state.min, self._state.max = row_min, row_max
         else:

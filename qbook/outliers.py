@@ -54,6 +54,18 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_fits_float32(t: torch.Tensor, name: str) -> None:
+    """Scales are float32: values beyond its range (finite in float64) would become infinite."""
+    if t.dtype == torch.float64 and t.numel() and t.abs().amax() > _FLOAT32_MAX:
+        raise ValueError(
+            f"{name} has values up to {t.abs().amax().item():.4g} in magnitude, beyond float32's range "
+            f"({_FLOAT32_MAX:.4g}) in which qbook computes scales"
+        )
+
+
 def _describe(t: object) -> str:
     if isinstance(t, torch.Tensor):
         return f"a tensor of dtype {t.dtype} and shape {tuple(t.shape)}"
@@ -106,6 +118,8 @@ def capture_activations(
     >>> list(stats), stats["0"].tolist()
     (['0', '2'], [2.0, 5.0])
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     module_filter = _is_linear if module_filter is None else module_filter
     if not (stat in ("absmax", "inputs") or (callable(stat) and not isinstance(stat, str))):
         raise ValueError(f"stat must be 'absmax', 'inputs' or an observer factory, got {stat!r}")
@@ -176,6 +190,7 @@ def _check_absmax(absmax: object, name: str) -> torch.Tensor:
     bad = ~torch.isfinite(absmax) | (absmax < 0)
     if bad.any():
         raise ValueError(f"{name} must be finite and non-negative, got {absmax[bad][0].item()!r}")
+    _check_fits_float32(absmax, name)
     return absmax
 
 
@@ -199,6 +214,7 @@ def _check_matmul(x: object, weight: object) -> tuple[torch.Tensor, torch.Tensor
         bad = ~torch.isfinite(t)
         if bad.any():
             raise ValueError(f"{name} {tuple(t.shape)} contains {int(bad.sum())} NaN or infinite value(s)")
+        _check_fits_float32(t, name)
     return x, weight
 
 
@@ -238,7 +254,8 @@ def vectorwise_matmul(x: torch.Tensor, weight: torch.Tensor, *, simulate: bool =
 
     ``out_ij = c_x,i * c_w,j * sum_k q_x,ik q_w,jk``
 
-    where the sum is exact integer arithmetic (``qbook.intmath.int_matmul``, int32). With ``simulate=True``
+    where the sum is exact integer arithmetic (``qbook.intmath.int_matmul``, int32), dequantized in float32
+    and returned in ``x``'s dtype. With ``simulate=True``
     the same quantized values are multiplied in float (fake quantization), which is what large-model
     experiments use for speed; the two agree to float rounding.
 
@@ -265,7 +282,8 @@ def _vectorwise_matmul(x: torch.Tensor, weight: torch.Tensor, simulate: bool) ->
     q_x = quantize(x, x_scale, x_zero, spec.qmin, spec.qmax)  # (M, K) int8
     q_w = quantize(weight, w_scale, w_zero, spec.qmin, spec.qmax)  # (N, K) int8
     acc = int_matmul(q_x, q_w.T)  # (M, N) int32, exact
-    return acc.to(torch.float32) * x_scale * w_scale.T  # dequantize with the outer product of the scales
+    out = acc.to(torch.float32) * x_scale * w_scale.T  # dequantize with the outer product of the scales
+    return out.to(x.dtype)
 
 
 def llm_int8_matmul(
@@ -329,6 +347,9 @@ def smooth_scales(
     tensor([4.0000, 0.5000])
     """
     act_absmax = _check_absmax(act_absmax, "act_absmax")
+    if not isinstance(weights, (torch.Tensor, Sequence)) or isinstance(weights, str):
+        got = type(weights).__name__
+        raise TypeError(f"weights must be a tensor (N, K) or a sequence of them, got {got}")
     weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     if not weights:
         raise ValueError("weights is empty; pass the weight(s) (N, K) that read these activations")
@@ -346,6 +367,7 @@ def smooth_scales(
                 f"weights[{i}] {tuple(w.shape)} has {int(bad.sum())} non-finite value(s), e.g. "
                 f"{w[row, col].item()} at [{row}, {col}]; SmoothQuant needs finite weights"
             )
+        _check_fits_float32(w.detach(), f"weights[{i}]")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     return _smooth_scales(act_absmax, weights, alpha)
@@ -358,12 +380,21 @@ def _smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], al
 
 
 def _check_scales(s: object, k: int) -> torch.Tensor:
-    if not isinstance(s, torch.Tensor) or s.shape != (k,):
-        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-        raise ValueError(f"smoothing scales must have shape ({k},), got {got}")
-    if not (torch.isfinite(s) & (s > 0)).all():
-        raise ValueError("smoothing scales must be positive and finite")
+    if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+        raise TypeError(f"smoothing scales must be a floating-point tensor ({k},), got {_describe(s)}")
+    if s.shape != (k,):
+        raise ValueError(f"smoothing scales must have shape ({k},), got {tuple(s.shape)}")
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        raise ValueError(f"smoothing scales must be positive and finite, got {s[j].item()!r} at index {j}")
     return s
+
+
+def _check_linear(linear: object, name: str = "linear") -> nn.Linear:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{name} must be a torch.nn.Linear, got {type(linear).__name__}")
+    return linear
 
 
 @torch.no_grad()
@@ -376,7 +407,7 @@ def smooth_linear(linear: nn.Linear, s: torch.Tensor) -> None:
     >>> smooth_linear(lin, torch.tensor([4.0, 0.5])); lin.weight.data
     tensor([[4., 2.]])
     """
-    s = _check_scales(s, linear.in_features)
+    s = _check_scales(s, _check_linear(linear).in_features)
     linear.weight.mul_(s.to(linear.weight.dtype))
 
 
@@ -402,7 +433,16 @@ def smooth_layernorm_linears(
     """
     if not isinstance(layernorm, nn.LayerNorm) or layernorm.weight is None:
         raise TypeError(f"layernorm must be an nn.LayerNorm with an affine weight, got {layernorm!r}")
+    if isinstance(linears, nn.Module) or not isinstance(linears, Sequence):
+        raise TypeError(f"linears must be a sequence of nn.Linear, got {type(linears).__name__}")
+    for i, lin in enumerate(linears):
+        _check_linear(lin, f"linears[{i}]")
     s = smooth_scales(act_absmax, [lin.weight for lin in linears], alpha)
+    if layernorm.weight.shape != s.shape:
+        raise ValueError(
+            f"the LayerNorm's weight has shape {tuple(layernorm.weight.shape)} but the linears read "
+            f"{s.shape[0]} features"
+        )
     layernorm.weight.div_(s)
     if layernorm.bias is not None:
         layernorm.bias.div_(s)
@@ -497,6 +537,11 @@ class QuantLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear wraps an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(config, LinearQuantConfig):
+            raise TypeError(f"config must be a LinearQuantConfig, got {type(config).__name__}")
+        if smooth is not None and not isinstance(smooth, torch.Tensor):
+            got = type(smooth).__name__
+            raise TypeError(f"smooth must be a tensor ({linear.in_features},) or None, got {got}")
         self.linear = linear
         self.config = config
         weight = linear.weight.detach().float()
@@ -525,7 +570,16 @@ class QuantLinear(nn.Module):
         """Feed an input batch ``(..., K)`` (e.g. captured earlier) to the observer, after smoothing."""
         if self.observer is None:
             raise RuntimeError("this QuantLinear has no observer (dynamic or float activations)")
-        self.observer.observe(self._smoothed(x.detach().float()))
+        self.observer.observe(self._smoothed(self._check_input(x).detach().float()))
+
+    def _check_input(self, x: object) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"QuantLinear takes a floating-point tensor (..., K), got {_describe(x)}")
+        if x.ndim == 0 or x.shape[-1] != self.linear.in_features:
+            raise ValueError(
+                f"QuantLinear expects inputs (..., {self.linear.in_features}), got shape {tuple(x.shape)}"
+            )
+        return x
 
     def freeze(self) -> None:
         """End calibration: fix the static input parameters from the observer."""
@@ -537,7 +591,7 @@ class QuantLinear(nn.Module):
         return x if self.smooth is None else x / self.smooth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._smoothed(x.float())
+        x = self._smoothed(self._check_input(x).float())
         bias = self.linear.bias
         if self.calibrating:
             self.observer.observe(x)
@@ -581,6 +635,10 @@ def quantize_linears(
     >>> type(model[0]).__name__, type(restore_linears(model)[0]).__name__
     ('QuantLinear', 'Linear')
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LinearQuantConfig):
+        raise TypeError(f"config must be a LinearQuantConfig, got {type(config).__name__}")
     module_filter = (lambda name, module: True) if module_filter is None else module_filter
     targets = [
         (name, module)
@@ -595,7 +653,10 @@ def quantize_linears(
     for name, linear in targets:
         smooth = None
         if config.smooth_alpha is not None:
-            smooth = smooth_scales(act_absmax[name], linear.weight, config.smooth_alpha)
+            try:
+                smooth = smooth_scales(act_absmax[name], linear.weight, config.smooth_alpha)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"layer {name!r}: {e}") from e
         wrapped[name] = QuantLinear(linear, config, smooth)
         _set_submodule(model, name, wrapped[name])
     return wrapped
@@ -603,6 +664,8 @@ def quantize_linears(
 
 def restore_linears(model: nn.Module) -> nn.Module:
     """Put back the original ``nn.Linear`` of every :class:`QuantLinear` in ``model`` (in place)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             _set_submodule(model, name, module.linear)
