@@ -349,28 +349,27 @@ def _int_matmul_int8(
     bound *= 128 + (abs(zb) if isinstance(zb, int) else _absmax(zb))
     if bound >= 2**63:
         return None
-    dtype = torch.int32 if bound <= INT32_MAX else torch.int64
+    wide = bound > INT32_MAX  # then the corrections are summed in int64 and the result checked
     if za_nonzero:  # one more row of ones gives the column sums of b in the same pass over b
-        ab_and_sums = torch._int_mm(torch.constant_pad_nd(a, (0, 0, 0, 1), 1), b)  # (M + 1, N)
-        ab, b_col_sums = ab_and_sums[:M], ab_and_sums[M:]  # (M, N), (1, N)
+        ab, b_col_sums = torch._int_mm(torch.constant_pad_nd(a, (0, 0, 0, 1), 1), b).split([M, 1])
     else:
         ab = torch._int_mm(a, b)  # (M, N)
-    acc = ab.to(dtype)  # int32: ab itself, a new tensor from _int_mm, updated in place below
+    acc = ab.to(torch.int64) if wide else ab  # ab: a new tensor from _int_mm, updated in place below
     if not isinstance(za, int):
-        za = za.to(dtype)
+        za = za.to(acc.dtype)
     if zb_nonzero:  # - zb * (sum_k a_ik - K za): the row sums and the constant K za zb in one pass
         a_row_sums = torch._int_mm(a, _ones_column(K))  # (M, 1): a GEMV, faster than a.sum here
-        a_terms = a_row_sums.to(dtype) - K * za  # (M, 1)
+        a_terms = (a_row_sums.to(torch.int64) if wide else a_row_sums) - K * za  # (M, 1)
         if isinstance(zb, int):
             acc.sub_(a_terms, alpha=zb)
         else:
-            acc.addcmul_(a_terms, zb.to(dtype), value=-1)
+            acc.addcmul_(a_terms, zb.to(acc.dtype), value=-1)
     if za_nonzero:  # - za * sum_k b_kj
         if isinstance(za, int):
             acc.sub_(b_col_sums, alpha=za)
         else:
-            acc.addcmul_(za, b_col_sums.to(dtype), value=-1)
-    if dtype == torch.int64:
+            acc.addcmul_(za, b_col_sums.to(acc.dtype), value=-1)
+    if wide:
         return _to_int32(acc, f"int_matmul (M, K, N) = ({M}, {K}, {N})")
     return acc
 
