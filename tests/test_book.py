@@ -135,6 +135,15 @@ PROSE_ALLOW: dict[str, dict[str, str]] = {
         "6.02": "20·log10(2) dB per bit, a mathematical constant",
         "754": "IEEE 754, a standard's name",
         "0.5": "half a quantization step: the rounding tie point",
+        "80000": "IEC 80000-13, a standard's name",
+    },
+    "02_float_formats.ipynb": {
+        "2.12": "the PyTorch release from which float8_e4m3fn casts saturate (a fact, cited with its pull request)",
+        "178817": "the pytorch/pytorch pull request number that made the E4M3 cast saturate",
+    },
+    "05_outliers_calibration.ipynb": {
+        "150,000": "a quotation: Dettmers et al. (2022) count 150,000 outliers per sequence",
+        "1.56": "a quotation: SmoothQuant's reported speed-up (Xiao et al. 2023)",
     },
 }
 
