@@ -848,3 +848,14 @@ def test_int_mm_path_on_every_layout() -> None:
                 for za, zb in ((0, 0), (3, 0), (0, -2), (3, -2)):
                     expected = intmath.int_matmul_reference(x, y, za, zb).to(torch.int32)
                     assert torch.equal(int_matmul(x, y, za, zb), expected), (M, K, N, x.stride(), y.stride())
+
+
+def test_int_mm_path_with_broadcast_and_overlapping_operands() -> None:
+    """Zero strides (expand) and overlapping rows, which _int_mm itself gets wrong, are copied first."""
+    gen = torch.Generator().manual_seed(13)
+    base = _randint(gen, -128, 127, (64 * 64 + 64,), torch.int8)
+    a = base.as_strided((64, 64), (24, 1))  # rows overlap
+    b = base[:40].reshape(1, 40).expand(64, 40)  # (64, 40) with strides (0, 1)
+    for za, zb in ((0, 0), (3, -2)):
+        expected = intmath.int_matmul_reference(a, b, za, zb).to(torch.int32)
+        assert torch.equal(int_matmul(a, b, za, zb), expected)

@@ -133,3 +133,10 @@ def test_cpu_path_on_every_layout() -> None:
         for x in (a, a.T.clone(memory_format=torch.contiguous_format).T):
             for y in (b, b.T.clone(memory_format=torch.contiguous_format).T):  # K = 1: (1, N), strides (1, 1)
                 assert torch.equal(int8_matmul(x, y, backend="torch"), (x.long() @ y.long()).int())
+
+
+def test_cpu_path_with_broadcast_and_overlapping_operands() -> None:
+    base = torch.arange(64 * 64 + 64).remainder(256).sub(128).to(torch.int8)
+    a = base.as_strided((64, 64), (24, 1))  # rows overlap
+    b = base[:40].reshape(1, 40).expand(64, 40)  # strides (0, 1)
+    assert torch.equal(int8_matmul(a, b, backend="torch"), (a.long() @ b.long()).int())
