@@ -108,14 +108,16 @@ def _as_vector(value: object, name: str, length: int, axis: int, device: torch.d
         if vector.dtype is not torch.float32:
             vector = vector.to(torch.float32)
         vector = vector.contiguous()
+        if vector.is_cuda and torch.cuda.is_current_stream_capturing():
+            return vector  # a CUDA graph being captured cannot read values back to the host: no value check
         low, high = torch.aminmax(vector)  # NaN propagates into both
         _check_values(vector, name, value, low.item(), high.item())
         return vector
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        vector = torch.tensor([float(value)], dtype=torch.float32, device=device)
-        cast = vector.item()
-        _check_values(vector, name, value, cast, cast)
-        return vector
+        host = torch.tensor([float(value)], dtype=torch.float32)  # checked on the host: no device read-back
+        cast = host.item()
+        _check_values(host, name, value, cast, cast)
+        return host.to(device)
     raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
 
 
