@@ -12,8 +12,9 @@ and an ``M``-bit mantissa (fraction) field ``f``. With the exponent bias ``b`` (
 
 and the all-ones exponent field is reserved for ±inf and NaN in the IEEE formats. The formats differ only in
 ``E``, ``M`` and in what they do with the special patterns, so one :class:`FloatFormat` describes them
-all and one function, :func:`round_to_format`, rounds float32 values to any of them, working on the float32
-bit pattern with integer arithmetic.
+all and one algorithm rounds float32 values to any of them, working on the float32 bit pattern with integer
+arithmetic: :func:`round_to_format_reference` is that algorithm as chapter 2 teaches it, and
+:func:`round_to_format` computes the same bits faster.
 
 >>> round_to_format(torch.tensor([0.1, 1000.0]), FP8_E4M3)
 tensor([1.0156e-01, 4.4800e+02])
@@ -274,9 +275,13 @@ def round_to_format(x: Tensor | float, fmt: FloatFormat) -> Tensor:
     The same numbers as :func:`round_to_format_reference`, the bit-level algorithm that chapter 2 teaches,
     computed faster: with PyTorch's own cast ``x.to(dtype).float()`` for FP16, BF16 and FP8_E5M2 (equal to
     the reference bit for bit on every float32 input, except that the sign and payload of a NaN output are
-    torch's), and for every other format with a few int32 operations on the float32 bit pattern (equal to
-    the reference bit for bit, NaN included). ``fmt`` must be a :class:`FloatFormat` (a name such as
-    ``"FP16"`` is a ``TypeError``); NaN input is a ``ValueError`` for formats without NaN.
+    torch's), and for every other format with a few int32 operations on the float32 bit pattern in
+    cache-sized chunks (equal to the reference bit for bit, NaN included). For FP16, BF16, FP8_E4M3 and
+    FP8_E5M2 the result is torch's cast, bit for bit (NaN payloads aside; FP8_E4M3 with a torch whose cast
+    saturates overflow to ±448, as FP8_E4M3 says: older releases gave NaN). ``fmt`` must be a
+    :class:`FloatFormat` (a name such as ``"FP16"`` is a ``TypeError``); NaN input is a ``ValueError`` for
+    formats without NaN. Inputs in another float dtype are converted to float32 first (so float64 is rounded
+    twice); integer tensors raise ``TypeError``.
 
     >>> round_to_format(torch.tensor([1.0 + 2**-11, 1.0 + 3 * 2**-11, 70000.0, 1e-8]), FP16)
     tensor([1.0000, 1.0020,    inf, 0.0000])

@@ -1,4 +1,4 @@
-"""Granularity (量化力度): which elements share one scale and zero point — chapter 6.
+"""Granularity (量化粒度; the lecture notes write 量化力度): which elements share a scale — chapter 6.
 
 One mechanism serves every primitive. A granularity is a small frozen dataclass that knows
 
@@ -9,8 +9,9 @@ One mechanism serves every primitive. A granularity is a small frozen dataclass 
 * :meth:`~PerTensor.expand` — a parameter of ``param_shape`` made broadcastable against the data
   (identity except for per-group, which repeats each group's value ``group_size`` times).
 
-``qbook.quantize``/``dequantize``/``fake_quantize`` accept ``granularity=`` and call :meth:`expand`, and the
-observers of chapter 5 reduce over :meth:`groups`.
+``qbook.quantize``/``dequantize``/``fake_quantize`` accept ``granularity=``; per group they repeat nothing,
+viewing the data as ``(..., L // g, g, ...)`` and the parameters as ``(..., L // g, 1, ...)``. The observers
+of chapter 5 reduce over :meth:`groups`.
 
 >>> import torch
 >>> w = torch.arange(8.0).reshape(2, 4)        # (C, K) = (2, 4)
