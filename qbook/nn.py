@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from qbook.affine import INT8, INT8_SYMMETRIC, QuantSpec, calc_qparams, dequantize, quantize
 from qbook.granularity import PerChannel, PerGroup, minmax
 from qbook.intmath import int_matmul, quantize_bias, quantize_multipliers, requantize
+from qbook.kernels import int8_matmul
 from qbook.packing import pack, unpack
 
 __all__ = [
@@ -156,15 +157,21 @@ def quantize_per_token(x: torch.Tensor, spec: QuantSpec = INT8_SYMMETRIC) -> tup
 
 
 def _quantize_per_token(x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3.4) per row, then (3.1): the row's absolute maximum gives its scale; ``round(x / scale)`` in float32."""
+    """(3.4) per row, then (3.1): the row's absolute maximum gives its scale; ``round(x / scale)`` in float32.
+
+    On a narrow grid (``qmin = -qmax``) the clamp of (3.1) can be skipped: ``|x| <= amax`` and
+    ``scale = fl(amax / qmax)`` give ``|x / scale| <= qmax (1 + 2^-23) < qmax + 1/2``, which rounds to at most
+    ``qmax`` (and a scale floored at eps means ``|x| < qmax eps``)."""
     amax = torch.maximum(x.amin(dim=1, keepdim=True).neg_(), x.amax(dim=1, keepdim=True))  # (M, 1)
     scale = amax.div_((qmax - qmin) / 2).clamp_(min=_EPS)  # (M, 1), as calc_qparams(symmetric=True)
-    codes = torch.div(x, scale).round_().clamp_(qmin, qmax)  # (M, K), true division, ties to even
+    codes = torch.div(x, scale).round_()  # (M, K), true division, ties to even
+    if qmin != -qmax:
+        codes.clamp_(qmin, qmax)
     return codes.to(torch.int8), scale
 
 
 def _check_finite_scale(scale: torch.Tensor, x: torch.Tensor, where: str = "") -> None:
-    if not bool(torch.isfinite(scale).all()):
+    if not bool(torch.isfinite(scale).all()):  # NaN or inf in x made the scale NaN or inf
         nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         raise ValueError(f"{where}the input holds {nan} NaN and {inf} infinite value(s); it cannot be quantized")
 
@@ -178,18 +185,33 @@ def _quantize_weight(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
 
 
 def _dequantize_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None) -> torch.Tensor:
-    """(7.2): ``acc * s_x[:, None] * s_w[None, :] (+ b)`` in float32, the order of ``kernels.int8_matmul``."""
-    y = acc.to(torch.float32)  # (M, N)
-    y.mul_(a_scale).mul_(w_scale)
+                         bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """(7.2): ``acc * s_x[:, None] * s_w[None, :] (+ b)`` in float32 into ``out``, in the order of operations
+    of ``kernels.int8_matmul`` (so the two agree bit for bit)."""
+    y = out.copy_(acc).mul_(a_scale).mul_(w_scale)  # (M, N) float32
     return y if bias is None else y.add_(bias)
 
 
-def _int8_mm(q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """``q @ weight_t`` of int8 matrices, exact, int32: ``torch._int_mm`` on the CPU, else :func:`int_matmul`."""
-    if q.is_cpu and _INT_MM_CPU:
-        return torch._int_mm(q, weight_t)
-    return int_matmul(q, weight_t)
+def _rows_per_chunk(n: int) -> int:
+    """Rows of (7.2) done at once on the CPU: a chunk's accumulators ``(rows, N)`` take at most ~768 KiB, so
+    they are still in the cache when the epilogue reads them (64 to 256 rows)."""
+    return max(64, min(256, 1 << ((196_608 // max(n, 1)).bit_length() - 1)))
+
+
+def _dynamic_cpu(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 qmin: int, qmax: int, who: str) -> torch.Tensor:
+    """(7.2) on the CPU for rows ``x`` (M, K) float32, a chunk of rows at a time (:func:`_rows_per_chunk`):
+    quantize each token, ``torch._int_mm``, the epilogue written straight into the output."""
+    M, N = x.shape[0], weight_t.shape[1]
+    y = torch.empty(M, N, dtype=torch.float32)
+    step = _rows_per_chunk(N)
+    for start in range(0, M, step):
+        q, a_scale = _quantize_per_token(x[start : start + step], qmin, qmax)  # (m, K) int8, (m, 1)
+        if not math.isfinite(float(a_scale.sum())):
+            _check_finite_scale(a_scale, x[start : start + step], f"{who}: ")
+        acc = torch._int_mm(q, weight_t)  # (m, N) int32
+        _dequantize_epilogue(acc, a_scale, w_scale, bias, y[start : start + step])
+    return y
 
 
 def _probe_int_mm() -> bool:
@@ -251,6 +273,7 @@ class _IntegerMatmul(QuantModule):
             raise ValueError("output='int8' needs static activations: the next layer's input scale must be fixed")
         self.in_features, self.out_features = in_features, out_features
         self.activation, self.act_spec, self.output, self.weight_spec = activation, act_spec, output, weight_spec
+        self._fast = activation == "dynamic" and act_spec.qmin == -127 and act_spec.qmax == 127 and _INT_MM_CPU
         self.register_buffer("weight_scale", torch.ones(out_features))
         bias_dtype = torch.int32 if activation == "static" else torch.float32
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
@@ -340,12 +363,15 @@ class _IntegerMatmul(QuantModule):
         """The integer core on rows (M, K): quantize (unless ``quantized``), accumulate, epilogue. Integer
         arithmetic has no gradient: the input is detached."""
         rows = rows.detach()
-        weight_t = self.weight.reshape(self.out_features, -1).t()  # (K, N) int8
-        if self.activation == "dynamic":
-            q, a_scale = _quantize_per_token(rows.float(), self.act_spec.qmin, self.act_spec.qmax)
-            _check_finite_scale(a_scale, rows)
-            acc = _int8_mm(q, weight_t)  # (M, N) int32
-            return _dequantize_epilogue(acc, a_scale, self.weight_scale, self.bias)
+        weight_t = self.weight.view(self.out_features, -1).t()  # (K, N) int8
+        if self.activation == "dynamic":  # (7.2)
+            qmin, qmax = self.act_spec.qmin, self.act_spec.qmax
+            if rows.is_cpu and _INT_MM_CPU:
+                return _dynamic_cpu(rows.float(), weight_t, self.weight_scale, self.bias, qmin, qmax,
+                                    type(self).__name__)
+            q, a_scale = _quantize_per_token(rows.float(), qmin, qmax)
+            _check_finite_scale(a_scale, rows, f"{type(self).__name__}: ")
+            return int8_matmul(q, weight_t, a_scale, self.weight_scale, self.bias)  # chapter 10's kernel on a GPU
         q = rows if quantized else self._quantize_static(rows)
         acc = int_matmul(q, weight_t, a_zero_point=int(self.input_zero_point))  # (4.4), (M, N) int32
         if self.bias is not None:
@@ -397,6 +423,10 @@ class QuantLinear(_IntegerMatmul):
         return {"in_features": self.in_features, "out_features": self.out_features, **super().init_args}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self._fast and type(x) is torch.Tensor and x.dtype == torch.float32 and x.ndim
+                and x.shape[-1] == self.in_features and x.is_cpu):  # dynamic int8 on the CPU: the short path
+            y = self._matmul(x.reshape(-1, self.in_features), False)
+            return y.view(*x.shape[:-1], self.out_features)
         _check_float_input(x, type(self).__name__, f"(..., {self.in_features})")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
