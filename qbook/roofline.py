@@ -142,7 +142,7 @@ def matmul_flops(M: int, N: int, K: int) -> int:
 
 
 def _matmul_flops(M: int, N: int, K: int) -> int:
-    """``2MNK`` without argument checks: ``M * N`` outputs of ``K`` multiply-accumulates, 2 operations each."""
+    """``2MNK`` without argument checks: ``M * N`` outputs of ``K`` multiply-accumulates, 2 ops each."""
     return 2 * M * N * K
 
 
