@@ -195,7 +195,7 @@ def _dequantize_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torc
 def _rows_per_chunk(n: int) -> int:
     """Rows of (7.2) done at once on the CPU: a chunk's accumulators ``(rows, N)`` take at most ~768 KiB, so
     they are still in the cache when the epilogue reads them (64 to 256 rows)."""
-    return max(64, min(256, 1 << ((196_608 // max(n, 1)).bit_length() - 1)))
+    return max(64, min(256, 1 << max(0, (196_608 // max(n, 1)).bit_length() - 1)))
 
 
 def _dynamic_cpu(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
