@@ -439,7 +439,25 @@ def calc_qparams(
             f"the range [xmin, xmax] = [{xmin[index].item()!r}, {xmax[index].item()!r}] needs a scale beyond "
             f"float32's largest {torch.finfo(torch.float32).max:.4g} on the grid [{qmin}, {qmax}]"
         )
+    if hi > _FLOAT32_MAX / 4:
+        scale = _finite_grid(scale, zero_point, qmin, qmax)
     return scale, zero_point
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite_grid(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``scale``, lowered where needed so that every code of ``[qmin, qmax]`` dequantizes to a finite float32.
+
+    Only ranges near float32's largest number need it: there the zero point's rounding, or a symmetric grid's
+    extra negative code, can put an end level beyond 3.4e38. The cap clips such a range by at most one step.
+    """
+    reach = torch.maximum(qmax - zero_point.to(torch.float64), zero_point.to(torch.float64) - qmin)
+    cap = (_FLOAT32_MAX / reach.clamp(min=1)).to(torch.float32)
+    over = cap.to(torch.float64) * reach > _FLOAT32_MAX  # float32 rounding went up: one ulp down
+    cap = torch.where(over, torch.nextafter(cap, torch.zeros_like(cap)), cap)
+    return torch.minimum(scale, cap)
 
 
 def _check_range_values(xmin: torch.Tensor, xmax: torch.Tensor) -> None:

@@ -841,3 +841,14 @@ def test_per_group_quantize_needs_less_memory_than_the_composition():
     assert peak["ours"] <= 1.5 * peak["composition"], peak
     if sys.platform.startswith("linux"):  # ru_maxrss in KiB
         assert peak["ours"] <= 24 * 1024, peak  # the int8 result (16 MiB) and a chunk of scratch space
+
+
+@pytest.mark.parametrize("qmin, qmax", [(-8, 7), (-128, 127), (0, 255), (-127, 127), (0, 15)])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("lo, hi", [(-3.4e38, 3.4e38), (-3.4e38, 1.0), (0.0, 3.4e38), (-1e38, 3.3e38)])
+def test_every_code_dequantizes_to_a_finite_number_near_float32_max(qmin, qmax, symmetric, lo, hi) -> None:
+    """Near float32's largest number the zero point's rounding could put an end level beyond 3.4e38."""
+    scale, zero_point = calc_qparams(torch.tensor(lo), torch.tensor(hi), qmin, qmax, symmetric=symmetric)
+    codes = torch.arange(qmin, qmax + 1)
+    assert torch.isfinite(dequantize(codes, scale, zero_point)).all()
+    assert torch.isfinite(scale) and scale > 0 and qmin <= zero_point <= qmax
