@@ -20,16 +20,20 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "affine",
+    "bench",
     "data",
     "formats",
     "granularity",
     "intmath",
     "kernels",
     "models",
+    "mx",
+    "nn",
     "observers",
     "outliers",
     "packing",
     "plot",
+    "ptq",
     "roofline",
 )
 
