@@ -290,6 +290,20 @@ def test_axis_is_a_transpose() -> None:
     assert torch.equal(mx.dequantize_nvfp4(c, s, t, axis=0), mx.fake_quantize_blocks(x.T, mx.NVFP4).T)
 
 
+@pytest.mark.parametrize("fmt", [mx.MXFP8_E4M3, mx.MXFP6_E3M2, mx.MXFP4, mx.MXINT8, mx.NVFP4], ids=str)
+def test_fake_quantize_blocks_is_the_round_trip(sample, fmt) -> None:
+    if fmt is mx.NVFP4:
+        x = torch.randn(512, 64, dtype=torch.float64).float()
+        x[:16] = 0.0
+        round_trip = mx.dequantize_nvfp4(*mx.quantize_nvfp4(x, axis=0), axis=0)
+        assert torch.equal(mx.fake_quantize_blocks(x, fmt, axis=0), round_trip)
+        return
+    x = sample[::16]  # every kind of block, the inf and NaN ones (row 320) included
+    round_trip = mx.dequantize_mx(*mx.quantize_mx(x, fmt.element, fmt.block_size), fmt.element)
+    fake = mx.fake_quantize_blocks(x, fmt)
+    assert torch.equal(fake.nan_to_num(), round_trip.nan_to_num()) and fake.isnan().sum() == 96
+
+
 def test_nan_blocks_decode_to_nan_only_in_their_block() -> None:
     x = torch.ones(2, 32)
     x[0, 5] = math.nan
