@@ -733,6 +733,15 @@ def _spec(value: Any) -> Any:
     return QuantSpec(*value) if isinstance(value, list) and len(value) == 4 else value
 
 
+def _same_shape(original: nn.Module, module: QuantModule) -> bool:
+    """Whether the float layer ``original`` is the one ``module`` was made from (type and shape)."""
+    if isinstance(module, (QuantLinear, WeightOnlyLinear)):
+        return type(original) is nn.Linear and (original.in_features, original.out_features) == (
+            module.in_features, module.out_features)
+    return type(original) is nn.Conv2d and (original.in_channels, original.out_channels) == (
+        module.in_channels, module.out_channels) and tuple(original.kernel_size) == module.kernel_size
+
+
 def load(path: str | os.PathLike, model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Read a file written by :func:`save` into the architecture ``model`` (the float model, e.g. freshly
     constructed or loaded): the layers recorded as quantized are rebuilt empty and every tensor is loaded,
@@ -751,10 +760,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, inplace: bool = False) ->
         if cls is None:
             raise ValueError(f"{path}: layer {name!r} has unknown class {entry['class']!r}")
         try:
-            result.get_submodule(name)
+            original = result.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: layer {name!r} does not exist in the given model") from None
         module = cls(**{k: _spec(v) for k, v in entry["args"].items()})
+        if not _same_shape(original, module):
+            raise ValueError(f"{path}: layer {name!r}: the file holds {module!r}, the model has {original!r}")
         result = _set_submodule(result, name, module)
     load_model(result, os.fspath(path), strict=True)
     return result.eval()
