@@ -5,18 +5,21 @@ and whole-model MiniLM encoding (issue 10, chapter 7).
     python benchmarks/bench_quant_linear.py --threads 1 --rounds 7 --no-minilm
 
 Each row times qbook and its peer on the same input in one process, interleaved round after round after a
-warm-up (:func:`qbook.bench.compare`), and reports min / median / max of the speed ratio peer time / qbook time
+warm-up (:func:`qbook.bench.compare`), and reports min / median / max of the speed ratio
+peer time / qbook time
 (above 1: qbook is faster). Rows:
 
 * layers at MiniLM's shapes (384→384, 384→1536, 1536→384) and M = 1, 32, 128, 512 tokens: qbook's
-  ``QuantLinear`` (W8 per channel, A8 per token, ``torch._int_mm``) vs ``torch.ao.nn.quantized.dynamic.Linear``
+  ``QuantLinear`` (W8 per channel, A8 per token, ``torch._int_mm``) vs
+  ``torch.ao.nn.quantized.dynamic.Linear``
   (fbgemm, A8 per tensor) — target 1.0 at M >= 128 — and vs fp32 ``nn.Linear`` — target 1.5 at M >= 128;
 * all-MiniLM-L6-v2 encoding 256 sentences of ``qbook.data.sentences`` with ``qbook.models.embed``:
   ``qbook.ptq.quantize_dynamic`` vs ``torch.ao.quantization.quantize_dynamic`` (target 1.0) and vs fp32
   (target 1.3).
 
 Results, with the provenance of the machine and its load average before and after, go to
-``benchmarks/results/quant_linear_<date>.json``. The numbers depend on the machine and on what else runs on it.
+``benchmarks/results/quant_linear_<date>.json``. The numbers depend on the machine and on what else runs
+on it.
 """
 
 from __future__ import annotations
@@ -63,12 +66,26 @@ def layer_rows() -> list[bench.Row]:
             assert error <= 0.02 * scale, f"QuantLinear {K}->{N} M={M} is off: {error} vs {scale}"
             name = f"{K}->{N} M={M}"
             big = M >= 128
-            rows.append(bench.Row(f"{name} vs torch.ao", "torch.ao dynamic Linear (fbgemm)",
-                                  lambda q=qbook_layer, x=x: q(x), lambda a=ao_layer, x=x: a(x),
-                                  target=1.0 if big else None, group="layer"))
-            rows.append(bench.Row(f"{name} vs fp32", "nn.Linear fp32",
-                                  lambda q=qbook_layer, x=x: q(x), lambda f=linear, x=x: f(x),
-                                  target=1.5 if big else None, group="layer"))
+            rows.append(
+                bench.Row(
+                    f"{name} vs torch.ao",
+                    "torch.ao dynamic Linear (fbgemm)",
+                    lambda q=qbook_layer, x=x: q(x),
+                    lambda a=ao_layer, x=x: a(x),
+                    target=1.0 if big else None,
+                    group="layer",
+                )
+            )
+            rows.append(
+                bench.Row(
+                    f"{name} vs fp32",
+                    "nn.Linear fp32",
+                    lambda q=qbook_layer, x=x: q(x),
+                    lambda f=linear, x=x: f(x),
+                    target=1.5 if big else None,
+                    group="layer",
+                )
+            )
     return rows
 
 
@@ -85,10 +102,22 @@ def minilm_rows(n_sentences: int = 256) -> tuple[list[bench.Row], dict[str, floa
     agreement = {f"qbook_{k}": v for k, v in embedding_agreement(ref, embed(ours, text)).items()}
     agreement |= {f"torch_ao_{k}": v for k, v in embedding_agreement(ref, embed(ao, text)).items()}
     rows = [
-        bench.Row(f"MiniLM {n_sentences} sentences vs torch.ao", "torch.ao quantize_dynamic",
-                  lambda: embed(ours, text), lambda: embed(ao, text), target=1.0, group="minilm"),
-        bench.Row(f"MiniLM {n_sentences} sentences vs fp32", "fp32 MiniLM",
-                  lambda: embed(ours, text), lambda: embed(fp32, text), target=1.3, group="minilm"),
+        bench.Row(
+            f"MiniLM {n_sentences} sentences vs torch.ao",
+            "torch.ao quantize_dynamic",
+            lambda: embed(ours, text),
+            lambda: embed(ao, text),
+            target=1.0,
+            group="minilm",
+        ),
+        bench.Row(
+            f"MiniLM {n_sentences} sentences vs fp32",
+            "fp32 MiniLM",
+            lambda: embed(ours, text),
+            lambda: embed(fp32, text),
+            target=1.3,
+            group="minilm",
+        ),
     ]
     return rows, agreement
 
@@ -97,8 +126,10 @@ def _print(summary: list[dict[str, object]], threads: int) -> None:
     print(f"\n== {threads} thread(s): speed ratio = peer time / qbook time (min / median / max) ==")
     for s in summary:
         target = "" if s["target"] is None else f"  target {s['target']:.1f} {'ok' if s['met'] else 'MISSED'}"
-        print(f"{s['name']:<40} {s['ratio_min']:6.2f} {s['ratio_median']:6.2f} {s['ratio_max']:6.2f}   "
-              f"qbook {s['qbook_us_median']:10.0f} us  peer {s['peer_us_median']:10.0f} us{target}")
+        print(
+            f"{s['name']:<40} {s['ratio_min']:6.2f} {s['ratio_median']:6.2f} {s['ratio_max']:6.2f}   "
+            f"qbook {s['qbook_us_median']:10.0f} us  peer {s['peer_us_median']:10.0f} us{target}"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -111,8 +142,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()
-    report: dict[str, object] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                                 "load_before": load_before, "runs": []}
+    report: dict[str, object] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "load_before": load_before,
+        "runs": [],
+    }
     rows = layer_rows()
     model_rows, agreement = ([], {}) if args.no_minilm else minilm_rows()
     report["minilm_agreement"] = agreement

@@ -21,13 +21,13 @@ The equations, with ``x ≈ s_x (q_x - z_x)`` and ``W ≈ s_w q_w`` (``s_w`` per
 * (7.1) static: ``y_mn = s_x s_w[n] (acc_mn + b_q[n])`` with ``acc = sum_k (q_x[m,k] - z_x) q_w[n,k]`` and the
   bias in int32, ``b_q = round(b / (s_x s_w))`` (chapter 9's :func:`qbook.intmath.quantize_bias`);
 * (7.2) dynamic: ``y_mn = s_x[m] s_w[n] acc_mn + b[n]`` with one symmetric scale per token
-  ``s_x[m] = max_k |x_mk| / 127``. The bias stays float: its integer form would need the scale ``s_x[m] s_w[n]``,
-  which changes with every token, so it would have to be re-quantized per token (``M N`` divisions and a second
-  rounding) only to be dequantized again a moment later; adding the float bias after the dequantization is
-  exact to float32 and costs one addition (torch.ao's dynamic Linear does the same);
-* (7.3) int8 output (static): ``q_y = clamp(z_y + round(M_n (acc + b_q)), -128, 127)``, ``M_n = s_x s_w[n] / s_y``
-  as a fixed-point multiplier (:func:`qbook.intmath.requantize`, (9.3)-(9.5)), so the next layer starts from
-  integers.
+  ``s_x[m] = max_k |x_mk| / 127``. The bias stays float: its integer form would need the scale
+  ``s_x[m] s_w[n]``, which changes with every token, so it would have to be re-quantized per token (``M N``
+  divisions and a second rounding) only to be dequantized again a moment later; adding the float bias after
+  the dequantization is exact to float32 and costs one addition (torch.ao's dynamic Linear does the same);
+* (7.3) int8 output (static): ``q_y = clamp(z_y + round(M_n (acc + b_q)), -128, 127)`` with
+  ``M_n = s_x s_w[n] / s_y`` as a fixed-point multiplier (:func:`qbook.intmath.requantize`, (9.3)-(9.5)), so
+  the next layer starts from integers.
 
 >>> import torch
 >>> torch.manual_seed(0) and None
@@ -101,7 +101,8 @@ def _check_float_module(module: object, cls: type, who: str) -> None:
 
 
 def _check_qparams(scale: object, zero_point: object, spec: QuantSpec, what: str) -> tuple[float, int]:
-    """A per-tensor (scale, zero point) as Python numbers: scale > 0 finite (float32), zero point on the grid."""
+    """A per-tensor (scale, zero point) as Python numbers: scale > 0 and finite in float32, zero point on
+    the grid."""
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"{what} scale must be one number (per tensor), got shape {tuple(scale.shape)}")
@@ -131,12 +132,15 @@ def _spec_name(spec: QuantSpec) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def quantize_per_token(x: torch.Tensor, spec: QuantSpec = INT8_SYMMETRIC) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(
+    x: torch.Tensor, spec: QuantSpec = INT8_SYMMETRIC
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic quantization of the rows (tokens) of ``x`` (M, K): ``(q, scale)`` with ``q`` int8 (M, K) and
     ``scale`` float32 (M, 1) — the run-time step of (7.2).
 
     Symmetric ``spec`` (default ``[-127, 127]``): ``scale_m = max_k |x_mk| / ((qmax - qmin) / 2)``,
-    ``q = clamp(round(x / scale), qmin, qmax)`` — exactly :func:`qbook.calc_qparams` and :func:`qbook.quantize`
+    ``q = clamp(round(x / scale), qmin, qmax)`` — exactly :func:`qbook.calc_qparams` and
+    :func:`qbook.quantize`
     on the per-row range. Raises ``ValueError`` if ``x`` holds NaN or ±inf (a scale must be finite).
 
     >>> q, scale = quantize_per_token(torch.tensor([[0.5, -1.0], [2.0, 0.1]]))
@@ -173,19 +177,26 @@ def _quantize_per_token(x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Te
 def _check_finite_scale(scale: torch.Tensor, x: torch.Tensor, where: str = "") -> None:
     if not bool(torch.isfinite(scale).all()):  # NaN or inf in x made the scale NaN or inf
         nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-        raise ValueError(f"{where}the input holds {nan} NaN and {inf} infinite value(s); it cannot be quantized")
+        raise ValueError(
+            f"{where}the input holds {nan} NaN and {inf} infinite value(s); it cannot be quantized"
+        )
 
 
 def _quantize_weight(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offline, per output channel (rows of ``w`` (N, K)), symmetric: ``(q_w int8 (N, K), s_w float32 (N,))``."""
+    """Offline, per output channel (rows of ``w`` (N, K)), symmetric: ``(q_w int8 (N, K), s_w (N,))``."""
     granularity = PerChannel(0)
     scale, zero_point = calc_qparams(*minmax(w, granularity), spec.qmin, spec.qmax, symmetric=True)  # (N, 1)
     q = quantize(w, scale, zero_point, spec.qmin, spec.qmax, granularity=granularity)
     return q, scale.reshape(-1)
 
 
-def _dequantize_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def _dequantize_epilogue(
+    acc: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """(7.2): ``acc * s_x[:, None] * s_w[None, :] (+ b)`` in float32 into ``out``, in the order of operations
     of ``kernels.int8_matmul`` (so the two agree bit for bit)."""
     y = out.copy_(acc).mul_(a_scale).mul_(w_scale)  # (M, N) float32
@@ -198,8 +209,15 @@ def _rows_per_chunk(n: int) -> int:
     return max(64, min(256, 1 << max(0, (196_608 // max(n, 1)).bit_length() - 1)))
 
 
-def _dynamic_cpu(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 qmin: int, qmax: int, who: str) -> torch.Tensor:
+def _dynamic_cpu(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    who: str,
+) -> torch.Tensor:
     """(7.2) on the CPU for rows ``x`` (M, K) float32, a chunk of rows at a time (:func:`_rows_per_chunk`):
     quantize each token, ``torch._int_mm``, the epilogue written straight into the output."""
     M, N = x.shape[0], weight_t.shape[1]
@@ -256,24 +274,43 @@ class QuantModule(nn.Module):
 class _IntegerMatmul(QuantModule):
     """What :class:`QuantLinear` and :class:`QuantConv2d` share: weight, scales, bias and the epilogues."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, activation: Activation,
-                 act_spec: QuantSpec | None, output: Output, weight_spec: QuantSpec) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        activation: Activation,
+        act_spec: QuantSpec | None,
+        output: Output,
+        weight_spec: QuantSpec,
+    ) -> None:
         super().__init__()
         _check_choice(activation, "activation", ("dynamic", "static"))
         _check_choice(output, "output", ("float", "int8"))
         weight_spec = _check_spec(weight_spec, "weight_spec")
         if not weight_spec.symmetric or not weight_spec.signed:
-            raise ValueError(f"the weight grid must be signed and symmetric (zero point 0), got {weight_spec}")
+            raise ValueError(
+                f"the weight grid must be signed and symmetric (zero point 0), got {weight_spec}"
+            )
         if act_spec is None:
             act_spec = INT8_SYMMETRIC if activation == "dynamic" else INT8
         act_spec = _check_spec(act_spec, "act_spec")
         if activation == "dynamic" and not act_spec.symmetric:
             raise ValueError(f"dynamic activations are quantized symmetrically per token, got {act_spec}")
         if output == "int8" and activation == "dynamic":
-            raise ValueError("output='int8' needs static activations: the next layer's input scale must be fixed")
+            raise ValueError(
+                "output='int8' needs static activations: the next layer's input scale must be fixed"
+            )
         self.in_features, self.out_features = in_features, out_features
-        self.activation, self.act_spec, self.output, self.weight_spec = activation, act_spec, output, weight_spec
-        self._fast = activation == "dynamic" and act_spec.qmin == -127 and act_spec.qmax == 127 and _INT_MM_CPU
+        self.activation, self.act_spec, self.output, self.weight_spec = (
+            activation,
+            act_spec,
+            output,
+            weight_spec,
+        )
+        self._fast = (
+            activation == "dynamic" and act_spec.qmin == -127 and act_spec.qmax == 127 and _INT_MM_CPU
+        )
         self.register_buffer("weight_scale", torch.ones(out_features))
         bias_dtype = torch.int32 if activation == "static" else torch.float32
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
@@ -284,29 +321,42 @@ class _IntegerMatmul(QuantModule):
         if output == "int8":
             self.register_buffer("output_scale", torch.tensor(1.0))
             self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
-            self.register_buffer("output_multiplier", torch.zeros(out_features, dtype=torch.int64), persistent=False)
-            self.register_buffer("output_shift", torch.zeros(out_features, dtype=torch.int64), persistent=False)
+            self.register_buffer(
+                "output_multiplier", torch.zeros(out_features, dtype=torch.int64), persistent=False
+            )
+            self.register_buffer(
+                "output_shift", torch.zeros(out_features, dtype=torch.int64), persistent=False
+            )
 
-    def _set_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None, input_qparams: Any,
-                        output_qparams: Any) -> None:
-        q, w_scale = _quantize_weight(weight.detach().float().reshape(self.out_features, -1), self.weight_spec)
+    def _set_from_float(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, input_qparams: Any, output_qparams: Any
+    ) -> None:
+        q, w_scale = _quantize_weight(
+            weight.detach().float().reshape(self.out_features, -1), self.weight_spec
+        )
         self.weight.copy_(q.reshape(self.weight.shape))
         self.weight_scale.copy_(w_scale)
         if self.activation == "static":
             if input_qparams is None:
-                raise ValueError("static activations need input_qparams=(scale, zero_point) (from calibration)")
+                raise ValueError(
+                    "static activations need input_qparams=(scale, zero_point) (from calibration)"
+                )
             s_x, z_x = _check_qparams(*input_qparams, self.act_spec, "input")
             self.input_scale.fill_(s_x)
             self.input_zero_point.fill_(z_x)
             if bias is not None:
-                self.bias.copy_(quantize_bias(bias.detach().float(), s_x, w_scale))  # (9.6): int32, scale s_x s_w
+                self.bias.copy_(
+                    quantize_bias(bias.detach().float(), s_x, w_scale)
+                )  # (9.6): int32, scale s_x s_w
         elif input_qparams is not None:
             raise ValueError("input_qparams are for static activations; dynamic ones are computed per token")
         elif bias is not None:
             self.bias.copy_(bias.detach().float())
         if self.output == "int8":
             if output_qparams is None:
-                raise ValueError("output='int8' needs output_qparams=(scale, zero_point) of the next layer's input")
+                raise ValueError(
+                    "output='int8' needs output_qparams=(scale, zero_point) of the next layer's input"
+                )
             s_y, z_y = _check_qparams(*output_qparams, INT8, "output")
             self.output_scale.fill_(s_y)
             self.output_zero_point.fill_(z_y)
@@ -342,7 +392,12 @@ class _IntegerMatmul(QuantModule):
             "activation": self.activation,
             "act_spec": [spec.bits, spec.signed, spec.narrow_range, spec.symmetric],
             "output": self.output,
-            "weight_spec": [self.weight_spec.bits, self.weight_spec.signed, self.weight_spec.narrow_range, True],
+            "weight_spec": [
+                self.weight_spec.bits,
+                self.weight_spec.signed,
+                self.weight_spec.narrow_range,
+                True,
+            ],
         }
 
     def _check_codes(self, x: torch.Tensor) -> None:
@@ -352,7 +407,9 @@ class _IntegerMatmul(QuantModule):
                 f"{self.act_spec.dtype} on its input grid; got {x.dtype}"
             )
         if self.activation != "static":
-            raise TypeError(f"{type(self).__name__} with dynamic activations takes float inputs, got {x.dtype}")
+            raise TypeError(
+                f"{type(self).__name__} with dynamic activations takes float inputs, got {x.dtype}"
+            )
 
     def _quantize_static(self, x: torch.Tensor) -> torch.Tensor:
         """(3.1) with the calibrated per-tensor input parameters."""
@@ -367,11 +424,14 @@ class _IntegerMatmul(QuantModule):
         if self.activation == "dynamic":  # (7.2)
             qmin, qmax = self.act_spec.qmin, self.act_spec.qmax
             if rows.is_cpu and _INT_MM_CPU:
-                return _dynamic_cpu(rows.float(), weight_t, self.weight_scale, self.bias, qmin, qmax,
-                                    type(self).__name__)
+                return _dynamic_cpu(
+                    rows.float(), weight_t, self.weight_scale, self.bias, qmin, qmax, type(self).__name__
+                )
             q, a_scale = _quantize_per_token(rows.float(), qmin, qmax)
             _check_finite_scale(a_scale, rows, f"{type(self).__name__}: ")
-            return int8_matmul(q, weight_t, a_scale, self.weight_scale, self.bias)  # chapter 10's kernel on a GPU
+            return int8_matmul(
+                q, weight_t, a_scale, self.weight_scale, self.bias
+            )  # chapter 10's kernel on a GPU
         q = rows if quantized else self._quantize_static(rows)
         acc = int_matmul(q, weight_t, a_zero_point=int(self.input_zero_point))  # (4.4), (M, N) int32
         if self.bias is not None:
@@ -388,33 +448,56 @@ class QuantLinear(_IntegerMatmul):
     static activations, float32 for dynamic ones, see (7.2)), and for static activations ``input_scale``,
     ``input_zero_point`` (and ``output_scale``, ``output_zero_point`` with ``output="int8"``).
 
-    ``forward(x)`` takes float ``x`` (..., K) and returns float32 (..., N) — or, with ``output="int8"``, the int8
-    codes of the output on the grid ``(output_scale, output_zero_point)``. Static layers also accept integer
-    codes (``act_spec.dtype``) that are already on their input grid (e.g. the int8 output of the layer before).
+    ``forward(x)`` takes float ``x`` (..., K) and returns float32 (..., N) — or, with ``output="int8"``, the
+    int8 codes of the output on the grid ``(output_scale, output_zero_point)``. Static layers also accept
+    integer codes (``act_spec.dtype``) already on their input grid (e.g. the int8 output of the layer before).
 
     Build one with :meth:`from_float`.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 activation: Activation = "dynamic", act_spec: QuantSpec | None = None, output: Output = "float",
-                 weight_spec: QuantSpec = INT8_SYMMETRIC) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        activation: Activation = "dynamic",
+        act_spec: QuantSpec | None = None,
+        output: Output = "float",
+        weight_spec: QuantSpec = INT8_SYMMETRIC,
+    ) -> None:
         super().__init__(in_features, out_features, bias, activation, act_spec, output, weight_spec)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, *, activation: Activation = "dynamic", act_spec: QuantSpec | None = None,
-                   input_qparams: tuple[Any, Any] | None = None, output: Output = "float",
-                   output_qparams: tuple[Any, Any] | None = None,
-                   weight_spec: QuantSpec = INT8_SYMMETRIC) -> QuantLinear:
-        """Quantize ``linear``: the weight per output channel (symmetric, ``weight_spec``), the bias as (7.1)/(7.2).
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        *,
+        activation: Activation = "dynamic",
+        act_spec: QuantSpec | None = None,
+        input_qparams: tuple[Any, Any] | None = None,
+        output: Output = "float",
+        output_qparams: tuple[Any, Any] | None = None,
+        weight_spec: QuantSpec = INT8_SYMMETRIC,
+    ) -> QuantLinear:
+        """Quantize ``linear``: the weight per output channel (symmetric, ``weight_spec``), the bias as in
+        (7.1) or (7.2).
 
         ``activation="static"`` needs ``input_qparams=(scale, zero_point)`` of the input grid ``act_spec``
         (default int8 affine), e.g. ``observer.qparams()`` after calibration; ``output="int8"`` needs
         ``output_qparams``. The float module is not modified.
         """
         _check_float_module(linear, nn.Linear, cls.__name__)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, activation=activation,
-                     act_spec=act_spec, output=output, weight_spec=weight_spec).to(linear.weight.device)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            activation=activation,
+            act_spec=act_spec,
+            output=output,
+            weight_spec=weight_spec,
+        ).to(linear.weight.device)
         module._set_from_float(linear.weight, linear.bias, input_qparams, output_qparams)
         return module
 
@@ -423,13 +506,21 @@ class QuantLinear(_IntegerMatmul):
         return {"in_features": self.in_features, "out_features": self.out_features, **super().init_args}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._fast and type(x) is torch.Tensor and x.dtype == torch.float32 and x.ndim
-                and x.shape[-1] == self.in_features and x.is_cpu):  # dynamic int8 on the CPU: the short path
+        if (
+            self._fast
+            and type(x) is torch.Tensor
+            and x.dtype == torch.float32
+            and x.ndim
+            and x.shape[-1] == self.in_features
+            and x.is_cpu
+        ):  # dynamic int8 on the CPU: the short path
             y = self._matmul(x.reshape(-1, self.in_features), False)
             return y.view(*x.shape[:-1], self.out_features)
         _check_float_input(x, type(self).__name__, f"(..., {self.in_features})")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects inputs (..., {self.in_features}), got {tuple(x.shape)}"
+            )
         quantized = not x.is_floating_point()
         if quantized:
             self._check_codes(x)
@@ -468,8 +559,12 @@ class _ConvGeometry:
             raise ValueError(f"{who} needs numeric padding, got padding={conv.padding!r}")
 
     def _geometry_args(self) -> dict[str, Any]:
-        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
-                "dilation": list(self.dilation)}
+        return {
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+        }
 
     def _out_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
@@ -482,7 +577,9 @@ class _ConvGeometry:
             x = F.pad(x, (pw, pw, ph, ph), value=pad_value)
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (B, K, L)
         else:
-            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+            cols = F.unfold(
+                x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride
+            )
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B * L, K)
 
 
@@ -497,35 +594,68 @@ class QuantConv2d(_ConvGeometry, _IntegerMatmul):
 
     _token = "position"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, bias: bool = True, *, activation: Activation = "dynamic",
-                 act_spec: QuantSpec | None = None, output: Output = "float",
-                 weight_spec: QuantSpec = INT8_SYMMETRIC) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        bias: bool = True,
+        *,
+        activation: Activation = "dynamic",
+        act_spec: QuantSpec | None = None,
+        output: Output = "float",
+        weight_spec: QuantSpec = INT8_SYMMETRIC,
+    ) -> None:
         self._set_geometry(kernel_size, stride, padding, dilation)
         kh, kw = self.kernel_size
-        _IntegerMatmul.__init__(self, in_channels * kh * kw, out_channels, bias, activation, act_spec, output,
-                                weight_spec)
+        _IntegerMatmul.__init__(
+            self, in_channels * kh * kw, out_channels, bias, activation, act_spec, output, weight_spec
+        )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.register_buffer("weight", torch.zeros(out_channels, in_channels, kh, kw, dtype=torch.int8))
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, *, activation: Activation = "dynamic", act_spec: QuantSpec | None = None,
-                   input_qparams: tuple[Any, Any] | None = None, output: Output = "float",
-                   output_qparams: tuple[Any, Any] | None = None,
-                   weight_spec: QuantSpec = INT8_SYMMETRIC) -> QuantConv2d:
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        activation: Activation = "dynamic",
+        act_spec: QuantSpec | None = None,
+        input_qparams: tuple[Any, Any] | None = None,
+        output: Output = "float",
+        output_qparams: tuple[Any, Any] | None = None,
+        weight_spec: QuantSpec = INT8_SYMMETRIC,
+    ) -> QuantConv2d:
         """Quantize ``conv`` as :meth:`QuantLinear.from_float` does (weight per output channel)."""
         _check_float_module(conv, nn.Conv2d, cls.__name__)
         cls._check_conv(conv, cls.__name__)
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.bias is not None, activation=activation, act_spec=act_spec, output=output,
-                     weight_spec=weight_spec).to(conv.weight.device)
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            activation=activation,
+            act_spec=act_spec,
+            output=output,
+            weight_spec=weight_spec,
+        ).to(conv.weight.device)
         module._set_from_float(conv.weight, conv.bias, input_qparams, output_qparams)
         return module
 
     @property
     def init_args(self) -> dict[str, Any]:
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, **self._geometry_args(),
-                **super().init_args}
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            **self._geometry_args(),
+            **super().init_args,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float_input(x, type(self).__name__, "(B, C, H, W)")
@@ -567,8 +697,15 @@ class _WeightOnly(QuantModule):
     """Weights stored as ``bits``-bit codes (packed below 8 bits) with a float32 scale per output channel or
     per group of ``group_size`` inputs; dequantized on every call, the matmul itself float."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
-                 spec: QuantSpec | None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        bits: int,
+        group_size: int | None,
+        spec: QuantSpec | None,
+    ) -> None:
         super().__init__()
         if spec is None:
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -577,22 +714,30 @@ class _WeightOnly(QuantModule):
         _check_spec(spec, "spec", tuple(range(2, 9)))
         if spec.bits != bits:
             raise ValueError(f"bits={bits} but spec has {spec.bits} bits")
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                       or group_size < 1):
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
             raise ValueError(f"group_size must be a positive int or None (per channel), got {group_size!r}")
         self.in_features, self.out_features, self.bits, self.group_size, self.spec = (
-            in_features, out_features, bits, group_size, spec)
+            in_features,
+            out_features,
+            bits,
+            group_size,
+            spec,
+        )
         g = in_features if group_size is None else group_size
         self.padded_features = -(-in_features // g) * g  # K rounded up to whole groups (zero codes beyond K)
         groups = self.padded_features // g
         codes_per_row = self.padded_features if bits == 8 else -(-self.padded_features * bits // 8)
-        self.register_buffer("weight", torch.zeros(out_features, codes_per_row,
-                                                   dtype=torch.int8 if bits == 8 else torch.uint8))
+        self.register_buffer(
+            "weight", torch.zeros(out_features, codes_per_row, dtype=torch.int8 if bits == 8 else torch.uint8)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, groups))
         zero_dtype = spec.dtype
-        self.register_buffer("weight_zero_point",
-                             None if spec.symmetric and spec.signed else torch.zeros(out_features, groups,
-                                                                                     dtype=zero_dtype))
+        self.register_buffer(
+            "weight_zero_point",
+            None if spec.symmetric and spec.signed else torch.zeros(out_features, groups, dtype=zero_dtype),
+        )
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @property
@@ -603,7 +748,9 @@ class _WeightOnly(QuantModule):
         w = weight.detach().float().reshape(self.out_features, -1)  # (N, K)
         w = F.pad(w, (0, self.padded_features - self.in_features))  # (N, Kp): zeros in the padding
         spec, granularity = self.spec, self._granularity
-        scale, zero_point = calc_qparams(*minmax(w, granularity), spec.qmin, spec.qmax, symmetric=spec.symmetric)
+        scale, zero_point = calc_qparams(
+            *minmax(w, granularity), spec.qmin, spec.qmax, symmetric=spec.symmetric
+        )
         q = quantize(w, scale, zero_point, spec.qmin, spec.qmax, granularity=granularity)  # (N, Kp)
         self.weight.copy_(q if self.bits == 8 else pack(q, self.bits, signed=spec.signed))
         self.weight_scale.copy_(scale)
@@ -614,14 +761,20 @@ class _WeightOnly(QuantModule):
 
     def codes(self) -> torch.Tensor:
         """The integer codes ``(N, K)`` (unpacked)."""
-        q = self.weight if self.bits == 8 else unpack(self.weight, self.bits, self.padded_features,
-                                                      signed=self.spec.signed)
+        q = (
+            self.weight
+            if self.bits == 8
+            else unpack(self.weight, self.bits, self.padded_features, signed=self.spec.signed)
+        )
         return q[:, : self.in_features]
 
     def dequantized_weight(self) -> torch.Tensor:
         """``s_w (q_w - z_w)`` (3.2), float32 ``(N, K)``: what the float matmul uses."""
-        q = self.weight if self.bits == 8 else unpack(self.weight, self.bits, self.padded_features,
-                                                      signed=self.spec.signed)
+        q = (
+            self.weight
+            if self.bits == 8
+            else unpack(self.weight, self.bits, self.padded_features, signed=self.spec.signed)
+        )
         zero_point = 0 if self.weight_zero_point is None else self.weight_zero_point
         w = dequantize(q, self.weight_scale, zero_point, granularity=self._granularity)
         return w[:, : self.in_features]
@@ -635,8 +788,12 @@ class _WeightOnly(QuantModule):
     @property
     def init_args(self) -> dict[str, Any]:
         s = self.spec
-        return {"bias": self.bias is not None, "bits": self.bits, "group_size": self.group_size,
-                "spec": [s.bits, s.signed, s.narrow_range, s.symmetric]}
+        return {
+            "bias": self.bias is not None,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "spec": [s.bits, s.signed, s.narrow_range, s.symmetric],
+        }
 
 
 class WeightOnlyLinear(_WeightOnly):
@@ -654,17 +811,32 @@ class WeightOnlyLinear(_WeightOnly):
     8960
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
-                 group_size: int | None = None, spec: QuantSpec | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = 8,
+        group_size: int | None = None,
+        spec: QuantSpec | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, bits, group_size, spec)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, *, bits: int = 8, group_size: int | None = None,
-                   spec: QuantSpec | None = None) -> WeightOnlyLinear:
+    def from_float(
+        cls, linear: nn.Linear, *, bits: int = 8, group_size: int | None = None, spec: QuantSpec | None = None
+    ) -> WeightOnlyLinear:
         """Quantize the weight of ``linear`` (round to nearest); the float module is not modified."""
         _check_float_module(linear, nn.Linear, cls.__name__)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits=bits,
-                     group_size=group_size, spec=spec).to(linear.weight.device)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits=bits,
+            group_size=group_size,
+            spec=spec,
+        ).to(linear.weight.device)
         module._set_from_float(linear.weight, linear.bias)
         return module
 
@@ -676,7 +848,9 @@ class WeightOnlyLinear(_WeightOnly):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} takes a floating-point tensor, got {x!r:.60}")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects inputs (..., {self.in_features}), got {tuple(x.shape)}"
+            )
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
@@ -686,31 +860,57 @@ class WeightOnlyLinear(_WeightOnly):
 
 class WeightOnlyConv2d(_ConvGeometry, _WeightOnly):
     """An ``nn.Conv2d`` (groups 1, zero padding) with weights stored as :class:`WeightOnlyLinear` stores them
-    (the weight ``(O, C, kh, kw)`` seen as ``(O, C * kh * kw)``); dequantized on the fly, float convolution."""
+    (the weight ``(O, C, kh, kw)`` seen as ``(O, C * kh * kw)``), dequantized on the fly for a float
+    convolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, bias: bool = True, *, bits: int = 8, group_size: int | None = None,
-                 spec: QuantSpec | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        bias: bool = True,
+        *,
+        bits: int = 8,
+        group_size: int | None = None,
+        spec: QuantSpec | None = None,
+    ) -> None:
         self._set_geometry(kernel_size, stride, padding, dilation)
         kh, kw = self.kernel_size
         _WeightOnly.__init__(self, in_channels * kh * kw, out_channels, bias, bits, group_size, spec)
         self.in_channels, self.out_channels = in_channels, out_channels
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, *, bits: int = 8, group_size: int | None = None,
-                   spec: QuantSpec | None = None) -> WeightOnlyConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, *, bits: int = 8, group_size: int | None = None, spec: QuantSpec | None = None
+    ) -> WeightOnlyConv2d:
         _check_float_module(conv, nn.Conv2d, cls.__name__)
         cls._check_conv(conv, cls.__name__)
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.bias is not None, bits=bits, group_size=group_size,
-                     spec=spec).to(conv.weight.device)
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            bits=bits,
+            group_size=group_size,
+            spec=spec,
+        ).to(conv.weight.device)
         module._set_from_float(conv.weight, conv.bias)
         return module
 
     @property
     def init_args(self) -> dict[str, Any]:
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, **self._geometry_args(),
-                **super().init_args}
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            **self._geometry_args(),
+            **super().init_args,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

@@ -112,15 +112,20 @@ class QuantConfig:
         g = self.weight_granularity
         if self.activation is None:
             if self.dynamic:
-                raise ValueError("dynamic=True quantizes activations; a weight-only config has activation=None")
+                raise ValueError(
+                    "dynamic=True quantizes activations; a weight-only config has activation=None"
+                )
             if not (g == PerChannel(0) or (isinstance(g, PerGroup) and g.axis in (1, -1))):
-                raise ValueError(f"weight-only granularity must be PerChannel(0) or PerGroup(1, g), got {g!r}")
+                raise ValueError(
+                    f"weight-only granularity must be PerChannel(0) or PerGroup(1, g), got {g!r}"
+                )
             if not 2 <= self.weight.bits <= 8:
                 raise ValueError(f"weight-only weights take 2..8 bits, got {self.weight}")
             return
         if self.weight.bits != 8 or self.activation.bits != 8:
-            raise ValueError(f"integer matmuls take 8-bit weights and activations, got {self.weight}, "
-                             f"{self.activation}")
+            raise ValueError(
+                f"integer matmuls take 8-bit weights and activations, got {self.weight}, {self.activation}"
+            )
         if not (self.weight.symmetric and self.weight.signed):
             raise ValueError(f"the weight grid must be signed and symmetric, got {self.weight}")
         if g not in (PerChannel(0), PerTensor()):
@@ -166,8 +171,11 @@ def _check_model(model: object, inplace: object) -> nn.Module:
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
     quantized = [name for name, m in model.named_modules() if isinstance(m, (QuantModule, Observed))]
     if quantized:
-        what = "prepared (call convert)" if any(isinstance(model.get_submodule(n), Observed) for n in quantized) \
+        what = (
+            "prepared (call convert)"
+            if any(isinstance(model.get_submodule(n), Observed) for n in quantized)
             else "already quantized"
+        )
         raise ValueError(f"the model is {what}: {_names(quantized)}; quantize a float model")
     return model
 
@@ -189,7 +197,7 @@ def _check_modules(modules: object) -> tuple[type, ...]:
 
 
 def _targets(model: nn.Module, modules: tuple[type, ...], skip: Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module of an exact covered type not named in ``skip``; checks they are float."""
+    """``(name, module)`` of every module of a covered type (exactly) not named in ``skip``; all float."""
     skip = set([skip] if isinstance(skip, str) else skip)
     names = {name for name, _ in model.named_modules()}
     unknown = sorted(skip - names)
@@ -215,8 +223,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-def _replace(model: nn.Module, targets: list[tuple[str, nn.Module]], make: Callable[[str, nn.Module], nn.Module],
-             ) -> nn.Module:
+def _replace(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    make: Callable[[str, nn.Module], nn.Module],
+) -> nn.Module:
     for name, _ in targets:
         module = model.get_submodule(name) if name else model  # the copy's module, not the caller's
         try:
@@ -237,9 +248,14 @@ def _dynamic_module(module: nn.Module, config: QuantConfig) -> QuantModule:
     return cls.from_float(module, activation="dynamic", act_spec=config.activation, weight_spec=config.weight)
 
 
-def quantize_dynamic(model: nn.Module, config: QuantConfig = W8A8_DYNAMIC, *,
-                     modules: tuple[type, ...] = _DEFAULT_MODULES, skip: Iterable[str] = (),
-                     inplace: bool = False) -> nn.Module:
+def quantize_dynamic(
+    model: nn.Module,
+    config: QuantConfig = W8A8_DYNAMIC,
+    *,
+    modules: tuple[type, ...] = _DEFAULT_MODULES,
+    skip: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
     """Dynamic PTQ (动态量化): every ``modules`` layer (exact type; default ``nn.Linear``) not named in
     ``skip`` becomes a :class:`~qbook.nn.QuantLinear` / :class:`~qbook.nn.QuantConv2d` with int8 weights
     (quantized now) and inputs quantized per token at run time. No data needed.
@@ -257,15 +273,29 @@ def _check_config(config: object, kind: str, who: str) -> QuantConfig:
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if config.kind != kind:
-        hint = {"dynamic": "quantize_dynamic", "static": "prepare/calibrate/convert",
-                "weight-only": "quantize_weights"}[config.kind]
-        raise ValueError(f"{who} needs a {kind} config, got {config} ({config.kind}: use {hint}, or quantize)")
+        hint = {
+            "dynamic": "quantize_dynamic",
+            "static": "prepare/calibrate/convert",
+            "weight-only": "quantize_weights",
+        }[config.kind]
+        raise ValueError(
+            f"{who} needs a {kind} config, got {config} ({config.kind}: use {hint}, or quantize)"
+        )
     return config
 
 
-def quantize_weights(model: nn.Module, bits: int = 4, group_size: int | None = 128, method: str = "rtn",
-                     batches: Iterable[Any] | None = None, *, modules: tuple[type, ...] = _DEFAULT_MODULES,
-                     skip: Iterable[str] = (), spec: QuantSpec | None = None, inplace: bool = False) -> nn.Module:
+def quantize_weights(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int | None = 128,
+    method: str = "rtn",
+    batches: Iterable[Any] | None = None,
+    *,
+    modules: tuple[type, ...] = _DEFAULT_MODULES,
+    skip: Iterable[str] = (),
+    spec: QuantSpec | None = None,
+    inplace: bool = False,
+) -> nn.Module:
     """Weight-only PTQ: covered layers become :class:`~qbook.nn.WeightOnlyLinear` (or ``WeightOnlyConv2d``)
     with ``bits``-bit symmetric codes (packed below 8 bits), one scale per group of ``group_size`` inputs
     (``None``: per output channel; a ``K`` that ``group_size`` does not divide is padded with zero codes).
@@ -274,7 +304,9 @@ def quantize_weights(model: nn.Module, bits: int = 4, group_size: int | None = 1
     raise ``NotImplementedError`` until then. Returns a copy unless ``inplace=True``.
     """
     if method in ("gptq", "awq"):
-        raise NotImplementedError(f"method={method!r} comes with chapter 11 (beyond round-to-nearest); use 'rtn'")
+        raise NotImplementedError(
+            f"method={method!r} comes with chapter 11 (beyond round-to-nearest); use 'rtn'"
+        )
     if method != "rtn":
         raise ValueError(f"method must be 'rtn' (or chapter 11's 'gptq', 'awq'), got {method!r}")
     if batches is not None:
@@ -319,27 +351,38 @@ class Observed(nn.Module):
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"layer {self.layer_name!r} takes floating-point inputs, got {got}")
         if isinstance(m, nn.Linear) and (x.ndim == 0 or x.shape[-1] != m.in_features):
-            raise ValueError(f"layer {self.layer_name!r} expects inputs (..., {m.in_features}), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"layer {self.layer_name!r} expects inputs (..., {m.in_features}), got shape {tuple(x.shape)}"
+            )
         if isinstance(m, nn.Conv2d) and (x.ndim != 4 or x.shape[1] != m.in_channels):
-            raise ValueError(f"layer {self.layer_name!r} expects inputs (B, {m.in_channels}, H, W), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"layer {self.layer_name!r} expects inputs (B, {m.in_channels}, H, W), got shape "
+                f"{tuple(x.shape)}"
+            )
 
     def extra_repr(self) -> str:
         observer = getattr(self.config.observer, "func", self.config.observer)
         return f"observer={getattr(observer, '__name__', observer)}, batches={self.observer.batches}"
 
 
-def prepare(model: nn.Module, config: QuantConfig = W8A8_STATIC, *,
-            modules: tuple[type, ...] = (nn.Linear, nn.Conv2d), skip: Iterable[str] = (),
-            inplace: bool = False) -> nn.Module:
+def prepare(
+    model: nn.Module,
+    config: QuantConfig = W8A8_STATIC,
+    *,
+    modules: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+    skip: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
     """Static PTQ, step 1: wrap every covered layer in an :class:`Observed` that records its inputs with
     ``config.observer``. Returns a copy in eval mode (``inplace=True``: the model itself)."""
     _check_config(config, "static", "prepare")
     _check_model(model, inplace)
     targets = _targets(model, _check_modules(modules), skip)
-    return _replace(_copy(model, inplace), targets,
-                    lambda name, m: Observed(m, config.observer(spec=config.activation), name, config))
+    return _replace(
+        _copy(model, inplace),
+        targets,
+        lambda name, m: Observed(m, config.observer(spec=config.activation), name, config),
+    )
 
 
 def _observed(model: nn.Module, who: str) -> list[Observed]:
@@ -348,8 +391,10 @@ def _observed(model: nn.Module, who: str) -> list[Observed]:
     found = [m for m in model.modules() if isinstance(m, Observed)]
     if not found:
         quantized = any(isinstance(m, QuantModule) for m in model.modules())
-        raise ValueError(f"{who} needs a model from prepare(); this one is "
-                         + ("already converted" if quantized else "not prepared (no observers)"))
+        raise ValueError(
+            f"{who} needs a model from prepare(); this one is "
+            + ("already converted" if quantized else "not prepared (no observers)")
+        )
     return found
 
 
@@ -362,8 +407,10 @@ def _run(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any] | No
         return model(*batch)
     if isinstance(batch, Mapping):
         return model(batch)
-    raise TypeError(f"a batch must be a tensor, a tuple of model arguments or a dict (or pass run=), got "
-                    f"{type(batch).__name__}")
+    raise TypeError(
+        f"a batch must be a tensor, a tuple of model arguments or a dict (or pass run=), got "
+        f"{type(batch).__name__}"
+    )
 
 
 def _progress(batches: Iterable[Any], progress: bool | None, what: str) -> Iterable[Any]:
@@ -376,8 +423,13 @@ def _progress(batches: Iterable[Any], progress: bool | None, what: str) -> Itera
     return tqdm(batches, desc=what, leave=False)
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool | None = None,
-              run: Callable[[nn.Module, Any], Any] | None = None) -> nn.Module:
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    progress: bool | None = None,
+    run: Callable[[nn.Module, Any], Any] | None = None,
+) -> nn.Module:
     """Static PTQ, step 2 (校准): run ``batches`` of unlabeled inputs through a prepared model, under
     ``torch.no_grad()``, so its observers see them. Returns ``model`` (its observers updated).
 
@@ -395,8 +447,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool | None
             _run(model, batch, run)
             count += 1
     if count == 0:
-        raise ValueError("calibrate got no batches; layers without statistics: "
-                         + _names([m.layer_name for m in observed if m.observer.batches == 0]))
+        raise ValueError(
+            "calibrate got no batches; layers without statistics: "
+            + _names([m.layer_name for m in observed if m.observer.batches == 0])
+        )
     return model
 
 
@@ -413,21 +467,36 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, Observed)]
     empty = [n for n, m in found if m.observer.batches == 0]
     if empty:
-        raise ValueError(f"convert before calibrate: layers without statistics: {_names(empty)}; run "
-                         "calibrate(model, batches) with batches that reach them")
+        raise ValueError(
+            f"convert before calibrate: layers without statistics: {_names(empty)}; run "
+            "calibrate(model, batches) with batches that reach them"
+        )
 
     def make(name: str, observed: nn.Module) -> QuantModule:
         m, config = observed.module, observed.config
         cls = QuantLinear if isinstance(m, nn.Linear) else QuantConv2d
-        return cls.from_float(m, activation="static", act_spec=config.activation, weight_spec=config.weight,
-                              input_qparams=observed.observer.qparams())
+        return cls.from_float(
+            m,
+            activation="static",
+            act_spec=config.activation,
+            weight_spec=config.weight,
+            input_qparams=observed.observer.qparams(),
+        )
 
     return _replace(_copy(model, inplace), found, make)
 
 
-def quantize(model: nn.Module, config: QuantConfig, batches: Iterable[Any] | None = None, *,
-             modules: tuple[type, ...] | None = None, skip: Iterable[str] = (), progress: bool | None = None,
-             run: Callable[[nn.Module, Any], Any] | None = None, inplace: bool = False) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    batches: Iterable[Any] | None = None,
+    *,
+    modules: tuple[type, ...] | None = None,
+    skip: Iterable[str] = (),
+    progress: bool | None = None,
+    run: Callable[[nn.Module, Any], Any] | None = None,
+    inplace: bool = False,
+) -> nn.Module:
     """Any config in one call: dynamic (:func:`quantize_dynamic`), static (:func:`prepare`, :func:`calibrate`
     on ``batches``, :func:`convert`) or weight-only (:func:`quantize_weights`, round to nearest). ``modules``
     defaults to each function's default."""
@@ -506,9 +575,11 @@ class Summary:
         kinds = max([len(r.kind) for r in self.rows] + [6])
         lines = [f"{'layer':<{width}}  {'module':<{kinds}}  {'scheme':<44}  {'bytes':>11}"]
         lines += [f"{r.name:<{width}}  {r.kind:<{kinds}}  {r.scheme:<44}  {r.nbytes:>11,}" for r in self.rows]
-        lines.append(f"quantized: {len(self.quantized)} layers, {self.quantized_bytes:,} bytes; "
-                     f"float: {len(self.float_layers)} modules, {self.float_bytes:,} bytes; "
-                     f"total {self.total_bytes:,} bytes")
+        lines.append(
+            f"quantized: {len(self.quantized)} layers, {self.quantized_bytes:,} bytes; "
+            f"float: {len(self.float_layers)} modules, {self.float_bytes:,} bytes; "
+            f"total {self.total_bytes:,} bytes"
+        )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -540,16 +611,24 @@ def summary(model: nn.Module) -> Summary:
         if isinstance(m, Observed):
             inside.append(name)
             scheme = f"observing ({m.extra_repr()})"
-            rows.append(SummaryRow(name, type(m.module).__name__, scheme,
-                                   _tensor_bytes(m.module.state_dict().values()), False))
+            rows.append(
+                SummaryRow(
+                    name,
+                    type(m.module).__name__,
+                    scheme,
+                    _tensor_bytes(m.module.state_dict().values()),
+                    False,
+                )
+            )
             continue
         own = list(m.named_parameters(recurse=False)) + [
             (n, b) for n, b in m.named_buffers(recurse=False) if n not in m._non_persistent_buffers_set
         ]
         if own:
             dtypes = sorted({str(t.dtype).removeprefix("torch.") for _, t in own})
-            rows.append(SummaryRow(name, type(m).__name__, ", ".join(dtypes),
-                                   _tensor_bytes(t for _, t in own), False))
+            rows.append(
+                SummaryRow(name, type(m).__name__, ", ".join(dtypes), _tensor_bytes(t for _, t in own), False)
+            )
     return Summary(tuple(rows))
 
 
@@ -583,11 +662,16 @@ class Sensitivity:
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.rows] + [5])
         head = f"{'layer':<{width}}  {'layer SQNR dB':>13}  {'model SQNR dB':>13}  {'metric':>9}"
-        lines = [f"{self.config}, one layer at a time; float metric: "
-                 + ("-" if self.baseline is None else f"{self.baseline:.4f}"), head]
+        lines = [
+            f"{self.config}, one layer at a time; float metric: "
+            + ("-" if self.baseline is None else f"{self.baseline:.4f}"),
+            head,
+        ]
         for r in self.rows:
             metric = "-" if r.metric is None else f"{r.metric:.4f}"
-            lines.append(f"{r.name:<{width}}  {r.layer_sqnr_db:>13.2f}  {r.model_sqnr_db:>13.2f}  {metric:>9}")
+            lines.append(
+                f"{r.name:<{width}}  {r.layer_sqnr_db:>13.2f}  {r.model_sqnr_db:>13.2f}  {metric:>9}"
+            )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -614,12 +698,20 @@ def _sqnr(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def sensitivity(model: nn.Module, batches: Iterable[Any], metric: Callable[[nn.Module], float] | None = None,
-                config: QuantConfig = W8A8_DYNAMIC, *, modules: tuple[type, ...] | None = None,
-                run: Callable[[nn.Module, Any], Any] | None = None, progress: bool | None = False) -> Sensitivity:
+def sensitivity(
+    model: nn.Module,
+    batches: Iterable[Any],
+    metric: Callable[[nn.Module], float] | None = None,
+    config: QuantConfig = W8A8_DYNAMIC,
+    *,
+    modules: tuple[type, ...] | None = None,
+    run: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool | None = False,
+) -> Sensitivity:
     """Quantize one covered layer at a time with ``config`` (all others float) and measure, per layer:
 
-    * ``layer_sqnr_db``: SQNR of the layer's output against the float layer on the same inputs, over ``batches``;
+    * ``layer_sqnr_db``: SQNR of the layer's output against the float layer on the same inputs, over
+      ``batches``;
     * ``model_sqnr_db``: SQNR of the model's output (:func:`_output_tensor`) against the float model's;
     * ``metric``: ``metric(model)`` with that one layer quantized (e.g. test accuracy), if given.
 
@@ -641,14 +733,29 @@ def sensitivity(model: nn.Module, batches: Iterable[Any], metric: Callable[[nn.M
     rows = []
     for name in _progress(names, progress, "sensitivity"):
         original = work.get_submodule(name)
-        single = quantize(_Single(original), config, [None], modules=(type(original),), inplace=False,
-                          progress=False, run=_calibrate_single(work, name, batches, run)) \
-            if config.kind == "static" else quantize(_Single(original), config, modules=(type(original),))
+        single = (
+            quantize(
+                _Single(original),
+                config,
+                [None],
+                modules=(type(original),),
+                inplace=False,
+                progress=False,
+                run=_calibrate_single(work, name, batches, run),
+            )
+            if config.kind == "static"
+            else quantize(_Single(original), config, modules=(type(original),))
+        )
         quantized = single.layer
         energy = [0.0, 0.0]
 
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor, original: nn.Module = original,
-                 energy: list = energy) -> None:
+        def hook(
+            module: nn.Module,
+            args: tuple,
+            out: torch.Tensor,
+            original: nn.Module = original,
+            energy: list = energy,
+        ) -> None:
             ref = original(*args).double()
             energy[0] += float((ref**2).sum())
             energy[1] += float(((ref - out.double()) ** 2).sum())
@@ -683,8 +790,9 @@ class _Single(nn.Module):
         return self.layer(x)
 
 
-def _calibrate_single(work: nn.Module, name: str, batches: list[Any],
-                      run: Callable[[nn.Module, Any], Any] | None) -> Callable[[nn.Module, Any], None]:
+def _calibrate_single(
+    work: nn.Module, name: str, batches: list[Any], run: Callable[[nn.Module, Any], Any] | None
+) -> Callable[[nn.Module, Any], None]:
     """A ``run`` for :func:`calibrate` that feeds the prepared single layer the inputs that layer ``name``
     sees when ``batches`` go through the float model ``work``."""
 
@@ -723,8 +831,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> int:
     observed = [n for n, m in model.named_modules() if isinstance(m, Observed)]
     if observed:
         raise ValueError(f"the model is prepared, not converted ({_names(observed)}); call convert first")
-    layers = {name: {"class": type(m).__name__, "args": m.init_args}
-              for name, m in model.named_modules() if isinstance(m, QuantModule)}
+    layers = {
+        name: {"class": type(m).__name__, "args": m.init_args}
+        for name, m in model.named_modules()
+        if isinstance(m, QuantModule)
+    }
     save_model(model, os.fspath(path), metadata={_METADATA_KEY: json.dumps(layers)})
     return os.path.getsize(path)
 
@@ -737,9 +848,14 @@ def _same_shape(original: nn.Module, module: QuantModule) -> bool:
     """Whether the float layer ``original`` is the one ``module`` was made from (type and shape)."""
     if isinstance(module, (QuantLinear, WeightOnlyLinear)):
         return type(original) is nn.Linear and (original.in_features, original.out_features) == (
-            module.in_features, module.out_features)
-    return type(original) is nn.Conv2d and (original.in_channels, original.out_channels) == (
-        module.in_channels, module.out_channels) and tuple(original.kernel_size) == module.kernel_size
+            module.in_features,
+            module.out_features,
+        )
+    return (
+        type(original) is nn.Conv2d
+        and (original.in_channels, original.out_channels) == (module.in_channels, module.out_channels)
+        and tuple(original.kernel_size) == module.kernel_size
+    )
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, inplace: bool = False) -> nn.Module:

@@ -1,5 +1,6 @@
 """Tests for qbook.nn: each integer module against an independent computation (qbook's primitives, int_matmul,
-the dequantization written out by hand) exactly, and against the float module within its rounding-error bound."""
+the dequantization written out by hand) exactly, and against the float module within its rounding-error
+bound."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def dynamic_by_hand(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_bound(x: torch.Tensor, w: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-    """``|x W^T - x_hat W_hat^T| <= (s_x / 2) sum_k |w| + (s_w / 2) sum_k |x_hat|`` per output, plus float slack."""
+    """``|x W^T - x_hat W_hat^T| <= (s_x / 2) sum_k |w| + (s_w / 2) sum_k |x_hat|`` per output (+ slack)."""
     x_hat_abs = x.abs() + s_x / 2
     bound = (s_x / 2) * w.abs().sum(1) + (s_w.reshape(1, -1) / 2) * x_hat_abs.sum(1, keepdim=True)
     return bound * 1.001 + 1e-5
@@ -161,8 +162,9 @@ def static_layer(K: int = 64, N: int = 32, spec: QuantSpec = INT8, output: str =
     if output == "int8":
         y = layer(calib).detach()
         out = qbook.calc_qparams(y.min(), y.max(), -128, 127)
-    q = QuantLinear.from_float(layer, activation="static", act_spec=spec, input_qparams=(s_x, z_x),
-                               output=output, output_qparams=out)
+    q = QuantLinear.from_float(
+        layer, activation="static", act_spec=spec, input_qparams=(s_x, z_x), output=output, output_qparams=out
+    )
     return layer, q, calib, s_x, z_x, out
 
 
@@ -216,8 +218,15 @@ def test_state_dict_round_trip_recomputes_run_time_constants() -> None:
     fresh = QuantLinear(64, 32, activation="static", output="int8")
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh(calib), q(calib))
-    assert set(q.state_dict()) == {"weight", "weight_scale", "bias", "input_scale", "input_zero_point",
-                                   "output_scale", "output_zero_point"}
+    assert set(q.state_dict()) == {
+        "weight",
+        "weight_scale",
+        "bias",
+        "input_scale",
+        "input_zero_point",
+        "output_scale",
+        "output_zero_point",
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -329,13 +338,16 @@ def test_weight_only_conv() -> None:
 
 def test_reprs_show_the_scheme() -> None:
     assert repr(QuantLinear.from_float(nn.Linear(384, 1536))) == (
-        "QuantLinear(384→1536, W8 per-channel sym, A8 per-token dyn)")
+        "QuantLinear(384→1536, W8 per-channel sym, A8 per-token dyn)"
+    )
     _, q, *_ = static_layer(output="int8")
     assert repr(q) == "QuantLinear(64→32, W8 per-channel sym, A8 per-tensor static asym, out int8)"
     assert repr(QuantConv2d.from_float(nn.Conv2d(16, 32, 3, padding=1))) == (
-        "QuantConv2d(16→32, 3×3, padding=(1, 1), W8 per-channel sym, A8 per-position dyn)")
+        "QuantConv2d(16→32, 3×3, padding=(1, 1), W8 per-channel sym, A8 per-position dyn)"
+    )
     assert repr(WeightOnlyLinear.from_float(nn.Linear(256, 64), bits=4, group_size=128)) == (
-        "WeightOnlyLinear(256→64, W4 packed per-group g=128 sym, A float)")
+        "WeightOnlyLinear(256→64, W4 packed per-group g=128 sym, A float)"
+    )
 
 
 def test_nbytes_is_the_state_dict() -> None:
@@ -378,8 +390,7 @@ def test_integer_inputs_off_the_input_grid_are_type_errors(dtype: torch.dtype) -
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.one_of(st.floats(allow_nan=True), st.just(0.0), st.floats(max_value=0.0)),
-       st.integers(-300, 300))
+@given(st.one_of(st.floats(allow_nan=True), st.just(0.0), st.floats(max_value=0.0)), st.integers(-300, 300))
 def test_bad_input_qparams_are_rejected(scale: float, zero_point: int) -> None:
     ok_scale = scale > 0 and torch.tensor(scale, dtype=torch.float32).item() not in (0.0, float("inf"))
     if ok_scale and -128 <= zero_point <= 127:

@@ -53,21 +53,29 @@ def cnn() -> DigitsCNN:
 
 def test_presets() -> None:
     assert [c.kind for c in ptq.PRESETS] == ["dynamic", "static", "weight-only", "weight-only"]
-    assert [str(c) for c in ptq.PRESETS] == ["W8A8 dynamic", "W8A8 static", "W8 weight-only", "W4 g128 weight-only"]
+    assert [str(c) for c in ptq.PRESETS] == [
+        "W8A8 dynamic",
+        "W8A8 static",
+        "W8 weight-only",
+        "W4 g128 weight-only",
+    ]
     assert ptq.W4_G128_WEIGHT_ONLY.group_size == 128 and ptq.W8_WEIGHT_ONLY.group_size is None
     assert (ptq.W4_G128_WEIGHT_ONLY.weight.qmin, ptq.W4_G128_WEIGHT_ONLY.weight.qmax) == (-7, 7)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ptq.W8A8_STATIC.dynamic = True
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"activation": INT8, "dynamic": True}, "symmetric per token"),
-    ({"activation": None, "dynamic": True}, "weight-only"),
-    ({"weight": INT8}, "signed and symmetric"),
-    ({"weight_granularity": PerGroup(1, 32)}, "PerChannel"),
-    ({"activation": QuantSpec(4, True)}, "8-bit"),
-    ({"activation": None, "weight_granularity": PerChannel(1)}, "PerGroup"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"activation": INT8, "dynamic": True}, "symmetric per token"),
+        ({"activation": None, "dynamic": True}, "weight-only"),
+        ({"weight": INT8}, "signed and symmetric"),
+        ({"weight_granularity": PerGroup(1, 32)}, "PerChannel"),
+        ({"activation": QuantSpec(4, True)}, "8-bit"),
+        ({"activation": None, "weight_granularity": PerChannel(1)}, "PerGroup"),
+    ],
+)
 def test_config_errors(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ptq.QuantConfig(**kw)
@@ -160,8 +168,11 @@ def test_static_workflow_matches_the_layer_built_by_hand() -> None:
 
 
 def test_static_workflow_with_another_observer_and_one_call() -> None:
-    config = dataclasses.replace(ptq.W8A8_STATIC, observer=functools.partial(PercentileObserver, percentile=99.0),
-                                 name="W8A8 static p99")
+    config = dataclasses.replace(
+        ptq.W8A8_STATIC,
+        observer=functools.partial(PercentileObserver, percentile=99.0),
+        name="W8A8 static p99",
+    )
     q = ptq.quantize(mlp(), config, batches())
     assert type(q[0]) is QuantLinear and q[0].activation == "static"
 
@@ -237,7 +248,9 @@ def test_calibration_shape_mismatch_is_a_value_error(k: int, rows: int) -> None:
 def test_calibrate_with_run() -> None:
     prepared = ptq.prepare(mlp())
     seen = []
-    ptq.calibrate(prepared, list(range(12)), progress=False, run=lambda m, i: seen.append(m(batches(1, seed=i)[0])))
+    ptq.calibrate(
+        prepared, list(range(12)), progress=False, run=lambda m, i: seen.append(m(batches(1, seed=i)[0]))
+    )
     assert len(seen) == 12 and prepared[0].observer.batches == 12
 
 
@@ -257,8 +270,10 @@ def test_summary_lists_float_modules_and_true_bytes() -> None:
     state_bytes = sum(t.numel() * t.element_size() for t in q.state_dict().values())
     assert s.total_bytes == state_bytes
     assert s.quantized_bytes == (16 * 32 + 8 * 32) + (32 * 32 + 8 * 32)
-    assert text.splitlines()[-1] == (f"quantized: 2 layers, {s.quantized_bytes:,} bytes; float: 2 modules, "
-                                     f"{s.float_bytes:,} bytes; total {s.total_bytes:,} bytes")
+    assert text.splitlines()[-1] == (
+        f"quantized: 2 layers, {s.quantized_bytes:,} bytes; float: 2 modules, "
+        f"{s.float_bytes:,} bytes; total {s.total_bytes:,} bytes"
+    )
     assert "observing" in str(ptq.summary(ptq.prepare(mlp())))
 
 
@@ -303,9 +318,15 @@ def test_save_load_errors(tmp_path) -> None:
     ptq.save(ptq.quantize_dynamic(mlp()), path)
     with pytest.raises(ValueError, match="does not exist"):
         ptq.load(path, nn.Sequential(nn.Linear(16, 32)))
-    with pytest.raises(ValueError, match=r"layer '0': the file holds QuantLinear\(16→32, .*the model has Linear"):
-        ptq.load(path, nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 32), nn.LayerNorm(32),
-                                     nn.Linear(32, 4)))
+    with pytest.raises(
+        ValueError, match=r"layer '0': the file holds QuantLinear\(16→32, .*the model has Linear"
+    ):
+        ptq.load(
+            path,
+            nn.Sequential(
+                nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 32), nn.LayerNorm(32), nn.Linear(32, 4)
+            ),
+        )
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -322,7 +343,9 @@ def test_digits_split() -> None:
     parts = {name: digits(name) for name in DIGITS_SPLITS}
     assert {n: len(y) for n, (_, y) in parts.items()} == DIGITS_SPLITS
     x, _ = parts["train"]
-    assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 and float(x.min()) == 0 and float(x.max()) == 1
+    assert (
+        x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 and float(x.min()) == 0 and float(x.max()) == 1
+    )
     pixels, y = digits("test", integer=True)
     assert pixels.dtype == torch.uint8 and int(pixels.max()) == 16
     assert torch.equal(pixels.float() / 16, parts["test"][0]) and torch.equal(y, parts["test"][1])
