@@ -198,7 +198,7 @@ def _dequantize_epilogue(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """(7.2): ``acc * s_x[:, None] * s_w[None, :] (+ b)`` in float32 into ``out``, in the order of operations
-    of ``kernels.int8_matmul`` (so the two agree bit for bit)."""
+    of ``kernels.int8_matmul`` (so the two agree bit for bit). ``out`` may be ``acc``'s own memory."""
     y = out.copy_(acc).mul_(a_scale).mul_(w_scale)  # (M, N) float32
     return y if bias is None else y.add_(bias)
 
@@ -222,12 +222,14 @@ def _dynamic_cpu(
     quantize each token, ``torch._int_mm``, the epilogue written straight into the output."""
     M, N = x.shape[0], weight_t.shape[1]
     y = torch.empty(M, N, dtype=torch.float32)
+    acc = y.view(torch.int32)  # the int32 accumulators live where their float32 outputs will be
     step = _rows_per_chunk(N)
     scales = []
     for start in range(0, M, step):
-        q, a_scale = _quantize_per_token(x[start : start + step], qmin, qmax)  # (m, K) int8, (m, 1)
-        acc = torch._int_mm(q, weight_t)  # (m, N) int32
-        _dequantize_epilogue(acc, a_scale, w_scale, bias, y[start : start + step])
+        rows = slice(start, start + step)
+        q, a_scale = _quantize_per_token(x[rows], qmin, qmax)  # (m, K) int8, (m, 1)
+        torch._int_mm(q, weight_t, out=acc[rows])  # (m, N) int32
+        _dequantize_epilogue(acc[rows], a_scale, w_scale, bias, y[rows])  # in place, element by element
         scales.append(a_scale)
     largest = scales[0].max() if len(scales) == 1 else torch.cat(scales).max() if scales else 0.0
     if not float(largest) < math.inf:  # NaN or inf in x made a scale NaN or inf: the rows are garbage
