@@ -30,6 +30,7 @@ tensor([-1.0000,  0.0000,  0.3059,  2.0000])
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import struct
@@ -38,7 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qbook.granularity import Granularity, PerChannel, PerGroup, PerTensor, minmax
+from qbook.formats import FloatFormat, decode, encode, round_to_format
+from qbook.granularity import Granularity, PerBlock, PerChannel, PerGroup, PerTensor, minmax
 
 __all__ = [
     "INT4",
@@ -281,8 +283,10 @@ def _check_broadcast(param: torch.Tensor | float, shape: torch.Size, name: str) 
 
 
 def _check_param_shape(param: Param, granularity: Granularity, shape: torch.Size, name: str) -> None:
-    if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
-        raise TypeError(f"granularity must be PerTensor, PerChannel or PerGroup, got {granularity!r}")
+    if not isinstance(granularity, (PerTensor, PerChannel, PerGroup, PerBlock)):
+        raise TypeError(
+            f"granularity must be PerTensor, PerChannel, PerGroup or PerBlock, got {granularity!r}"
+        )
     expected = granularity.param_shape(shape)
     if isinstance(param, torch.Tensor) and param.numel() != 1 and tuple(param.shape) != expected:
         raise ValueError(
@@ -317,6 +321,13 @@ def _params(
             view = (*shape[:axis], shape[axis] // g, g, *shape[axis + 1:])  # (..., L // g, g, ...)
             scale, zero_point = (  # (..., L // g, 1, ...)
                 p.unsqueeze(axis + 1) if isinstance(p, torch.Tensor) and p.numel() != 1 else p
+                for p in (scale, zero_point)
+            )
+        elif isinstance(granularity, PerBlock):
+            (M, K), (bm, bn) = shape, granularity.block
+            view = (M // bm, bm, K // bn, bn)
+            scale, zero_point = (  # (M // bm, 1, K // bn, 1)
+                p.reshape(M // bm, 1, K // bn, 1) if isinstance(p, torch.Tensor) and p.numel() != 1 else p
                 for p in (scale, zero_point)
             )
     _check_broadcast(scale, torch.Size(view), "scale")
@@ -521,10 +532,11 @@ def quantize(
     x: torch.Tensor,
     scale: TensorLike,
     zero_point: TensorLike,
-    qmin: int,
-    qmax: int,
+    qmin: int | FloatFormat,
+    qmax: int | None = None,
     *,
     granularity: Granularity | None = None,
+    saturate: bool = True,
 ) -> torch.Tensor:
     """Quantize (量化) ``x`` onto the integer grid ``[qmin, qmax]`` — equation (3.1), chapter 3.
 
@@ -539,7 +551,23 @@ def quantize(
     >>> import torch
     >>> quantize(torch.tensor([-1.25, 0.25, 0.75, 100.0]), 0.5, 3, qmin=-128, qmax=127)  # ties to even
     tensor([  1,   3,   5, 127], dtype=torch.int8)
+
+    **Float grids** (chapter 12): with a :class:`~qbook.formats.FloatFormat` in place of ``qmin`` (and no
+    ``qmax``) the grid is the format's values, ``q = round_to_format(x / scale, grid)``, and ``zero_point``
+    must be 0. The codes come in the format's torch dtype (``torch.float8_e4m3fn`` for FP8_E4M3, ...) or, for
+    formats torch cannot compute with (FP6, FP4), as ``uint8`` bit fields ``s << (E + M) | e << M | f``.
+    Following ONNX's ``QuantizeLinear`` (``saturate=1``, its default for every float8 type), values beyond the
+    largest finite value saturate to ±max, and so do ±inf (E5M2 too, although it has an inf);
+    ``saturate=False`` gives the format's own overflow (±inf for E5M2, NaN for E4M3). NaN stays NaN where the
+    format has one and is a ``ValueError`` where it has none. Scales of any granularity, also 2-D
+    ``PerBlock`` ones.
+
+    >>> from qbook.formats import FP8_E4M3
+    >>> quantize(torch.tensor([0.3, -1000.0]), 0.5, 0, FP8_E4M3).float()    # 0.6 -> 0.625; -2000 -> -448
+    tensor([   0.6250, -448.0000])
     """
+    if isinstance(qmin, FloatFormat):
+        return _quantize_to_float_grid(x, scale, zero_point, qmin, qmax, granularity, saturate)
     qmin, qmax = _check_range(qmin, qmax)
     x = _check_float(x, "x")
     scale, zero_point, view = _params(scale, zero_point, x.shape, granularity, (qmin, qmax))
@@ -555,6 +583,49 @@ def quantize(
         _quantize(part, s, z, qmin, qmax, q[rows], _fit(codes, part))
     _check_sums(sums, x)
     return q.reshape(x.shape)
+
+
+def _float_grid(grid: FloatFormat, qmax: object, saturate: object) -> FloatFormat:
+    """The grid with the requested overflow behaviour, after checking the float-grid arguments."""
+    if qmax is not None:
+        raise TypeError(f"with a FloatFormat as the grid ({grid.name}) pass no qmax, got qmax={qmax!r}")
+    if not isinstance(saturate, bool):
+        raise TypeError(f"saturate must be a bool, got {saturate!r}")
+    if grid.nan == "none" and not saturate:
+        raise ValueError(f"{grid.name} has neither inf nor NaN: out-of-range values can only saturate")
+    if grid.torch_dtype is None and grid.total_bits > 8:
+        raise ValueError(f"{grid.name} has no torch dtype, and codes of more than 8 bits are not supported")
+    if saturate or not grid.saturate:
+        return grid
+    return dataclasses.replace(grid, saturate=False)  # e.g. FP8_E4M3 without saturation: overflow is NaN
+
+
+def _check_no_zero_point(zero_point: object) -> None:
+    zero_point = _check_zero_point(zero_point, None)
+    if bool(torch.as_tensor(zero_point).ne(0).any()):
+        raise ValueError(f"a float grid has no zero point: zero_point must be 0, got {zero_point!r}")
+
+
+def _quantize_float(x: torch.Tensor, scale: Param, grid: FloatFormat, saturate: bool) -> torch.Tensor:
+    """Chapter 12's float grid: ``round_to_format(x / scale, grid)``, the grid's values as float32."""
+    v = x / scale  # one float32 division
+    if saturate:
+        v = v.clamp(-grid.max, grid.max)  # ONNX's saturate=1: overflow and ±inf become ±max; NaN stays
+    return round_to_format(v, grid)  # round to nearest, ties to even
+
+
+def _quantize_to_float_grid(
+    x: object, scale: object, zero_point: object, grid: FloatFormat, qmax: object,
+    granularity: Granularity | None, saturate: object,
+) -> torch.Tensor:
+    grid = _float_grid(grid, qmax, saturate)
+    x = _check_float(x, "x")
+    _check_no_zero_point(zero_point)
+    scale, _, view = _params(scale, 0, x.shape, granularity)
+    values = _quantize_float(x.reshape(view), scale, grid, saturate).reshape(x.shape)
+    if grid.torch_dtype is not None:
+        return values.to(grid.torch_dtype)  # exact: the values are the format's
+    return encode(values, grid).to(torch.uint8)
 
 
 def _check_sums(sums: list[torch.Tensor], x: torch.Tensor) -> None:
@@ -575,6 +646,7 @@ def dequantize(
     q: torch.Tensor,
     scale: TensorLike,
     zero_point: TensorLike,
+    grid: FloatFormat | None = None,
     *,
     granularity: Granularity | None = None,
 ) -> torch.Tensor:
@@ -588,7 +660,16 @@ def dequantize(
     >>> import torch
     >>> dequantize(torch.tensor([0, 3, 5, 93], dtype=torch.int8), 0.1, 3)
     tensor([-0.3000,  0.0000,  0.2000,  9.0000])
+
+    With a float ``grid`` (chapter 12), ``q`` holds that format's codes as :func:`quantize` returns them (its
+    torch dtype, or ``uint8`` bit fields) and ``x_hat = q * scale``; ``zero_point`` must be 0.
+
+    >>> from qbook.formats import FP4_E2M1
+    >>> dequantize(torch.tensor([0b0111, 0b1001], dtype=torch.uint8), 0.5, 0, FP4_E2M1)   # 6 and -0.5
+    tensor([ 3.0000, -0.2500])
     """
+    if grid is not None:
+        return _dequantize_float_grid(q, scale, zero_point, grid, granularity)
     if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
         got = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
         raise TypeError(f"q must be an integer tensor (the output of quantize), got {got}")
@@ -607,6 +688,22 @@ def dequantize(
         else:
             _dequantize(codes[rows], s, z, x_hat[rows])
     return x_hat.reshape(q.shape)
+
+
+def _dequantize_float_grid(
+    q: object, scale: object, zero_point: object, grid: object, granularity: Granularity | None
+) -> torch.Tensor:
+    if not isinstance(grid, FloatFormat):
+        raise TypeError(f"grid must be a FloatFormat such as qbook.formats.FP8_E4M3, got {grid!r}")
+    grid = _float_grid(grid, None, grid.saturate)
+    expected = grid.torch_dtype or torch.uint8
+    if not isinstance(q, torch.Tensor) or q.dtype != expected:
+        got = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
+        raise TypeError(f"q must hold {grid.name} codes as {expected} (the output of quantize), got {got}")
+    _check_no_zero_point(zero_point)
+    scale, _, view = _params(scale, 0, q.shape, granularity)
+    values = q.to(torch.float32) if grid.torch_dtype is not None else decode(q, grid)
+    return (values.reshape(view) * scale).reshape(q.shape)  # x_hat = q * scale
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -723,8 +820,8 @@ class QTensor:
     def __post_init__(self) -> None:
         if not isinstance(self.spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {self.spec!r}")
-        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
-            raise TypeError(f"granularity must be PerTensor, PerChannel or PerGroup, "
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup, PerBlock)):
+            raise TypeError(f"granularity must be PerTensor, PerChannel, PerGroup or PerBlock, "
                             f"got {self.granularity!r}")
         if not isinstance(self.q, torch.Tensor) or self.q.dtype != self.spec.dtype:
             got = self.q.dtype if isinstance(self.q, torch.Tensor) else type(self.q).__name__

@@ -32,7 +32,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Granularity", "PerChannel", "PerGroup", "PerTensor", "minmax", "qparam_count", "rows_to_params"]
+__all__ = [
+    "Granularity",
+    "PerBlock",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "minmax",
+    "qparam_count",
+    "rows_to_params",
+]
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -157,7 +166,66 @@ class PerGroup:
         return param.repeat_interleave(self.group_size, dim=axis)
 
 
-Granularity = PerTensor | PerChannel | PerGroup
+@dataclass(frozen=True)
+class PerBlock:
+    """One scale and zero point per 2-D block of ``block = (bm, bn)`` elements of a matrix ``(M, K)``.
+
+    The parameters have shape ``(M // bm, K // bn)``; both sides of the block must divide the matrix (no
+    implicit padding). DeepSeek-V3's FP8 recipe (chapter 12) scales weights in ``PerBlock((128, 128))`` blocks
+    and activations in ``PerBlock((1, 128))`` tiles. Only 2-D data.
+
+    >>> g = PerBlock((2, 2))
+    >>> x = torch.arange(16.0).reshape(4, 4)
+    >>> g.param_shape(x.shape)
+    (2, 2)
+    >>> g.groups(x).amax(1).reshape(g.param_shape(x.shape))      # the largest element of each 2 x 2 block
+    tensor([[ 5.,  7.],
+            [13., 15.]])
+    """
+
+    block: tuple[int, int] = (128, 128)
+
+    def __post_init__(self) -> None:
+        b = self.block
+        if (not isinstance(b, tuple) or len(b) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) for n in b)):
+            raise TypeError(f"block must be a pair of ints (rows, columns), got {b!r}")
+        if min(b) < 1:
+            raise ValueError(f"block sides must be positive, got {b}")
+
+    def _check(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int, int, int]:
+        if len(shape) != 2:
+            raise ValueError(f"PerBlock needs a 2-D tensor (M, K), got shape {tuple(shape)}")
+        (M, K), (bm, bn) = shape, self.block
+        if M % bm or K % bn:
+            raise ValueError(
+                f"block {self.block} does not divide the shape {tuple(shape)}; pad the tensor to multiples "
+                f"of {self.block} first"
+            )
+        return M, K, bm, bn
+
+    def param_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+        M, K, bm, bn = self._check(shape)
+        return (M // bm, K // bn)
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        M, K, bm, bn = self._check(x.shape)
+        blocks = x.reshape(M // bm, bm, K // bn, bn).transpose(1, 2)  # (M // bm, K // bn, bm, bn)
+        return blocks.reshape(-1, bm * bn)  # (G, bm * bn), blocks in param order
+
+    def expand(self, param: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        M, K, bm, bn = self._check(shape)
+        if not isinstance(param, torch.Tensor) or param.ndim == 0:
+            return param
+        if tuple(param.shape) != self.param_shape(shape):
+            raise ValueError(
+                f"per-block parameter has shape {tuple(param.shape)}, expected {self.param_shape(shape)} "
+                f"for data of shape {tuple(shape)} and {self}"
+            )
+        return param.repeat_interleave(bm, dim=0).repeat_interleave(bn, dim=1)
+
+
+Granularity = PerTensor | PerChannel | PerGroup | PerBlock
 
 
 def rows_to_params(values: torch.Tensor, granularity: Granularity, shape: torch.Size) -> torch.Tensor:
@@ -225,7 +293,8 @@ def qparam_count(shape: tuple[int, ...] | torch.Size, granularity: Granularity) 
 
 
 def _check_granularity(granularity: object) -> None:
-    if not isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
+    if not isinstance(granularity, (PerTensor, PerChannel, PerGroup, PerBlock)):
         raise TypeError(
-            f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(axis, size), got {granularity!r}"
+            "granularity must be PerTensor(), PerChannel(axis), PerGroup(axis, size) or PerBlock(block), "
+            f"got {granularity!r}"
         )

@@ -852,3 +852,127 @@ def test_every_code_dequantizes_to_a_finite_number_near_float32_max(qmin, qmax, 
     codes = torch.arange(qmin, qmax + 1)
     assert torch.isfinite(dequantize(codes, scale, zero_point)).all()
     assert torch.isfinite(scale) and scale > 0 and qmin <= zero_point <= qmax
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Float grids (chapter 12): quantize/dequantize with a FloatFormat, against ONNX's float8 QuantizeLinear
+# ---------------------------------------------------------------------------------------------------------
+
+
+def float8_inputs(seed: int = 3) -> torch.Tensor:
+    """(64, 1024) float32 over many binades, with exact ties of E4M3/E5M2, overflow, ±inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 1024, dtype=torch.float64, generator=g)
+    x = (x * torch.exp2(torch.randint(-24, 24, (64, 1), generator=g).double())).float()
+    x[0] = torch.arange(1024) / 64.0  # every multiple of 1/64 in [0, 16): ties of both formats' grids
+    x[1, :4] = torch.tensor([math.inf, -math.inf, math.nan, 1e30])
+    return x
+
+
+@pytest.mark.parametrize("saturate", [True, False])
+@pytest.mark.parametrize("fmt_name", ["FP8_E4M3", "FP8_E5M2"])
+def test_float8_grid_equals_onnx(fmt_name, saturate):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from qbook import formats
+
+    fmt = getattr(formats, fmt_name)
+    np_type = {"FP8_E4M3": ml_dtypes.float8_e4m3fn, "FP8_E5M2": ml_dtypes.float8_e5m2}[fmt_name]
+    x = float8_inputs()
+    cases = [  # (scale, granularity, ONNX attributes): per tensor, per row (axis 0), blocks of 32 on axis 1
+        (torch.tensor(0.37), None, {}),
+        (torch.rand(64, 1, generator=torch.Generator().manual_seed(4)) + 0.01, PerChannel(0), {"axis": 0}),
+        (torch.rand(64, 32, generator=torch.Generator().manual_seed(5)) + 0.01, PerGroup(1, 32),
+         {"axis": 1, "block_size": 32}),
+    ]
+    for scale, granularity, attrs in cases:
+        q = quantize(x, scale, 0, fmt, granularity=granularity, saturate=saturate)
+        onnx_scale = scale.flatten().numpy() if isinstance(granularity, PerChannel) else scale.numpy()
+        zero = np.zeros(onnx_scale.shape, dtype=np_type)
+        ref = onnx_quantize_linear(x.numpy(), onnx_scale, zero, saturate=int(saturate), **attrs)
+        assert q.dtype == fmt.torch_dtype
+        ours, theirs = q.view(torch.uint8).numpy(), ref.view(np.uint8)
+        nan = np.isnan(ref.astype(np.float32))
+        assert np.array_equal(np.isnan(q.float().numpy()), nan)
+        assert np.array_equal(ours[~nan], theirs[~nan])
+        x_hat = dequantize(q, scale, 0, fmt, granularity=granularity)
+        expected = q.float() * (scale if granularity is None else granularity.expand(scale, x.shape))
+        assert torch.equal(x_hat.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("fmt_name", ["FP6_E3M2", "FP6_E2M3", "FP4_E2M1", "FP16", "BF16"])
+def test_float_grids_without_float8(fmt_name):
+    from qbook import formats
+
+    fmt = getattr(formats, fmt_name)
+    x = float8_inputs()[2:]  # finite
+    scale = torch.rand(62, 1, generator=torch.Generator().manual_seed(6)) + 0.01
+    q = quantize(x, scale, 0, fmt, granularity=PerChannel(0))
+    values = formats.round_to_format((x / scale).clamp(-fmt.max, fmt.max), fmt)
+    if fmt.torch_dtype is None:
+        assert q.dtype == torch.uint8 and torch.equal(q.to(torch.int64), formats.encode(values, fmt))
+    else:
+        assert q.dtype == fmt.torch_dtype and torch.equal(q.float(), values)
+    assert torch.equal(dequantize(q, scale, 0, fmt, granularity=PerChannel(0)), values * scale)
+
+
+def test_float_grid_per_block_and_mx_agree():
+    from qbook import mx
+    from qbook.formats import FP4_E2M1, FP8_E4M3
+    from qbook.granularity import PerBlock
+
+    x = float8_inputs()[2:, :512]  # finite, (62, 512)
+    x = torch.cat([x, x[:2]])  # (64, 512): two rows of (32, 128) blocks
+    codes, scales = mx.quantize_fp8(x, FP8_E4M3, block=(32, 128))
+    q = quantize(x, scales, 0, FP8_E4M3, granularity=PerBlock((32, 128)))
+    assert torch.equal(q.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(dequantize(q, scales, 0, FP8_E4M3, granularity=PerBlock((32, 128))),
+                       mx.dequantize_fp8(codes, scales, (32, 128)))
+    mx_codes, mx_scales = mx.quantize_mx(x, FP4_E2M1)  # the MX element rounding is the saturating float grid
+    X = mx.e8m0_to_float(mx_scales)
+    assert torch.equal(quantize(x, X, 0, FP4_E2M1, granularity=PerGroup(1, 32)), mx_codes)
+
+
+def test_float_grid_bad_input():
+    from qbook.formats import FP4_E2M1, FP8_E4M3, FP8_E5M2
+
+    x = torch.tensor([1.0, 2.0])
+    with pytest.raises(TypeError, match="pass no qmax"):
+        quantize(x, 0.5, 0, FP8_E4M3, 127)
+    with pytest.raises(ValueError, match="zero_point must be 0"):
+        quantize(x, 0.5, 1, FP8_E4M3)
+    with pytest.raises(ValueError, match="neither inf nor NaN"):
+        quantize(x, 0.5, 0, FP4_E2M1, saturate=False)
+    with pytest.raises(TypeError, match="saturate must be a bool"):
+        quantize(x, 0.5, 0, FP8_E4M3, saturate=1)
+    with pytest.raises(ValueError, match="no NaN encoding"):
+        quantize(torch.tensor([math.nan]), 0.5, 0, FP4_E2M1)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        quantize(x, 0.0, 0, FP8_E5M2)
+    q = quantize(x, 0.5, 0, FP8_E4M3)
+    with pytest.raises(TypeError, match="FP8_E5M2 codes as torch.float8_e5m2"):
+        dequantize(q, 0.5, 0, FP8_E5M2)
+    with pytest.raises(TypeError, match="grid must be a FloatFormat"):
+        dequantize(q, 0.5, 0, "FP8_E4M3")
+    with pytest.raises(ValueError, match="code field must lie in"):
+        dequantize(torch.tensor([16], dtype=torch.uint8), 0.5, 0, FP4_E2M1)
+    assert quantize(torch.tensor([math.inf, 1e9]), 1.0, 0, FP8_E5M2).float().tolist() == [57344.0, 57344.0]
+    assert quantize(torch.tensor([math.inf, 1e9]), 1.0, 0, FP8_E5M2, saturate=False).float().tolist() == [
+        math.inf, math.inf]
+    assert quantize(torch.tensor([1e9]), 1.0, 0, FP8_E4M3, saturate=False).float().isnan().all()
+
+
+@pytest.mark.parametrize("spec", [INT8, INT4])
+def test_per_block_integer_grid_equals_the_expanded_scale(spec):
+    from qbook.granularity import PerBlock
+
+    x = torch.randn(64, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).float()
+    g = PerBlock((16, 64))
+    t = QTensor.from_float(x, spec, granularity=g)
+    assert t.scale.shape == (4, 4)
+    full_scale, full_zero = g.expand(t.scale, x.shape), g.expand(t.zero_point, x.shape)
+    assert torch.equal(t.q, quantize(x, full_scale, full_zero, spec.qmin, spec.qmax))
+    assert torch.equal(t.dequantize(), dequantize(t.q, full_scale, full_zero))
+    for i, j in ((0, 0), (3, 2)):
+        block = x[16 * i:16 * (i + 1), 64 * j:64 * (j + 1)]
+        expected, _ = calc_qparams(block.min(), block.max(), spec.qmin, spec.qmax)
+        assert t.scale[i, j] == expected

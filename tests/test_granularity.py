@@ -264,3 +264,38 @@ def test_accepted_param_forms() -> None:
 def test_minmax_rejects_empty() -> None:
     with pytest.raises(ValueError, match="empty"):
         minmax(torch.zeros(0, 4), PerTensor())
+
+
+# --- PerBlock: 2-D blocks (chapter 12, DeepSeek-V3's 128 x 128 weight blocks) -------------------------------
+def test_per_block_shapes_groups_and_expand():
+    from qbook.granularity import PerBlock, rows_to_params
+
+    x = torch.arange(6 * 8, dtype=torch.float32).reshape(6, 8)
+    g = PerBlock((3, 4))
+    assert g.param_shape(x.shape) == (2, 2) and qparam_count(x.shape, g) == 4
+    groups = g.groups(x)  # (4, 12), in param order
+    for i, j in itertools.product(range(2), range(2)):
+        assert torch.equal(groups[2 * i + j], x[3 * i:3 * (i + 1), 4 * j:4 * (j + 1)].flatten())
+    lo, hi = minmax(x, g)
+    assert torch.equal(hi, torch.tensor([[19.0, 23.0], [43.0, 47.0]])) and torch.equal(lo, hi - 19)
+    assert torch.equal(rows_to_params(groups.amax(1), g, x.shape), hi)
+    expanded = g.expand(hi, x.shape)
+    assert expanded.shape == x.shape and expanded[2, 3] == 19 and expanded[3, 4] == 47
+    assert PerBlock((1, 8)).param_shape(x.shape) == (6, 1)  # per row
+
+
+def test_per_block_bad_input():
+    from qbook.granularity import PerBlock
+
+    with pytest.raises(TypeError, match="pair of ints"):
+        PerBlock(128)
+    with pytest.raises(TypeError, match="pair of ints"):
+        PerBlock((128.0, 128))
+    with pytest.raises(ValueError, match="positive"):
+        PerBlock((0, 128))
+    with pytest.raises(ValueError, match="does not divide the shape"):
+        PerBlock((128, 128)).param_shape((128, 48))
+    with pytest.raises(ValueError, match="needs a 2-D tensor"):
+        PerBlock((2, 2)).groups(torch.ones(2, 2, 2))
+    with pytest.raises(ValueError, match="per-block parameter has shape"):
+        PerBlock((2, 2)).expand(torch.ones(3), (4, 4))
