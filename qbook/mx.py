@@ -54,6 +54,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from qbook.affine import dequantize, quantize
 from qbook.formats import (
     FP4_E2M1,
     FP6_E2M3,
@@ -64,6 +65,7 @@ from qbook.formats import (
     decode,
     round_to_format,
 )
+from qbook.granularity import PerBlock, PerTensor, minmax
 from qbook.packing import pack, unpack
 
 __all__ = [
@@ -464,9 +466,10 @@ def quantize_fp8(
 
     For a 2-D ``x`` of shape ``(M, K)``: ``block=(1, K)`` is one scale per row (per token, or per output
     channel of a weight), ``(1, 128)`` DeepSeek-V3's activation tiles, ``(128, 128)`` its weight blocks; the
-    block must divide the shape. ``codes = round(x / scale)`` in ``element_format`` (FP8 E4M3 or E5M2), stored
-    in its torch dtype; ``scales`` (float32) has shape ``()`` or ``(M / bm, K / bn)``. An all-zero block gets
-    scale 1. The input must be finite (the scale comes from its largest magnitude). Core: ``_quantize_fp8``.
+    block must divide the shape (:class:`qbook.granularity.PerBlock`). The codes are
+    ``quantize(x, scale, 0, element_format)`` (a float grid, :func:`qbook.affine.quantize`), in the format's
+    torch dtype; ``scales`` (float32) has shape ``()`` or ``(M / bm, K / bn)``. An all-zero block gets scale
+    1. The input must be finite (the scale comes from its largest magnitude). Core: ``_quantize_fp8``.
 
     >>> codes, scales = quantize_fp8(torch.tensor([[1.0, -896.0], [0.0, 0.0]]), block=(1, 2))
     >>> scales.flatten().tolist(), codes.float()        # 896 / 448 = 2; the zero row gets scale 1
@@ -479,59 +482,42 @@ def quantize_fp8(
     if element_format not in (FP8_E4M3, FP8_E5M2):
         raise ValueError(f"quantize_fp8 supports FP8_E4M3 and FP8_E5M2, got {element_format.name}")
     _check_finite(x, "quantize_fp8", "has no finite largest magnitude to scale by")
-    block = _check_2d_block(block, tuple(x.shape))
-    blocks = _blocks_2d(x, block)
-    codes, scales = _quantize_fp8(blocks, element_format)
-    shape = () if block is None else (scales.shape[0], scales.shape[2])
-    return codes.reshape(x.shape), scales.reshape(shape)
+    granularity = _fp8_granularity(block, tuple(x.shape))
+    return _quantize_fp8(x, element_format, granularity)
 
 
-def _check_2d_block(block: object, shape: tuple[int, ...]) -> tuple[int, int] | None:
+def _fp8_granularity(block: object, shape: tuple[int, ...]) -> PerTensor | PerBlock:
     if block is None:
-        return None
-    if (not isinstance(block, tuple) or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) for b in block)):
-        raise TypeError(f"block must be None or a pair of ints (rows, columns), got {block!r}")
-    if len(shape) != 2:
+        return PerTensor()
+    if isinstance(block, tuple) and len(block) == 2 and len(shape) != 2:
         raise ValueError(f"a 2-D block needs a 2-D tensor (M, K), got shape {shape}")
-    if any(b < 1 or n % b for b, n in zip(block, shape, strict=True)):
-        raise ValueError(f"block {block} must be positive and divide the shape {shape}")
-    return block
+    granularity = PerBlock(block)  # checks the block
+    granularity.param_shape(shape)  # checks that it divides the shape
+    return granularity
 
 
-def _blocks_2d(x: Tensor, block: tuple[int, int] | None) -> Tensor:
-    """``x`` as ``(M / bm, bm, K / bn, bn)`` blocks, or ``(1, numel)`` for a single per-tensor block."""
-    if block is None:
-        return x.reshape(1, -1)
-    (M, K), (bm, bn) = x.shape, block
-    return x.reshape(M // bm, bm, K // bn, bn)
-
-
-def _quantize_fp8(blocks: Tensor, fmt: FloatFormat) -> tuple[Tensor, Tensor]:
-    """``scale = amax / max`` per block (dims 1 and 3, or 1 per tensor); ``codes = round(x / scale)``."""
-    dims = (1,) if blocks.ndim == 2 else (1, 3)
-    amax = blocks.abs().amax(dim=dims, keepdim=True)
-    scale = amax / fmt.max
-    scale = torch.where(scale > 0, scale, 1.0)  # an all-zero block (or one below 448 * 2^-149): scale 1
-    codes = round_to_format(blocks / scale, fmt).to(fmt.torch_dtype)
-    return codes, scale
+def _quantize_fp8(x: Tensor, fmt: FloatFormat, granularity: PerTensor | PerBlock) -> tuple[Tensor, Tensor]:
+    """``scale = amax / max`` per block, 1 for an all-zero block; ``codes = round(x / scale)`` in ``fmt``."""
+    lo, hi = minmax(x, granularity)  # per-block minimum and maximum, in the scales' shape
+    scale = torch.maximum(-lo, hi) / fmt.max
+    scale = torch.where(scale > 0, scale, 1.0)  # an all-zero block (or one below 448 * 2^-149)
+    return quantize(x, scale, 0, fmt, granularity=granularity), scale
 
 
 def dequantize_fp8(codes: Tensor, scales: Tensor, block: tuple[int, int] | None = None) -> Tensor:
     """``x_hat = codes * scale`` in float32 (inverse of :func:`quantize_fp8`, with the same ``block``)."""
-    if not isinstance(codes, Tensor) or codes.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+    formats = {torch.float8_e4m3fn: FP8_E4M3, torch.float8_e5m2: FP8_E5M2}
+    if not isinstance(codes, Tensor) or codes.dtype not in formats:
         raise TypeError(f"codes must be a float8_e4m3fn or float8_e5m2 tensor, got {codes!r:.60}")
     if not isinstance(scales, Tensor) or scales.dtype != torch.float32:
         raise TypeError(f"scales must be a float32 tensor, got {scales!r:.60}")
-    block = _check_2d_block(block, tuple(codes.shape))
-    blocks = _blocks_2d(codes.float(), block)
-    expected = () if block is None else (blocks.shape[0], blocks.shape[2])
+    granularity = _fp8_granularity(block, tuple(codes.shape))
+    expected = granularity.param_shape(codes.shape)
     if tuple(scales.shape) != expected:
         raise ValueError(
             f"scales must have shape {expected} for codes {tuple(codes.shape)}, got {tuple(scales.shape)}"
         )
-    view = scales.reshape(1, 1) if block is None else scales[:, None, :, None]
-    return (blocks * view).reshape(codes.shape)
+    return dequantize(codes, scales, 0, formats[codes.dtype], granularity=granularity)
 
 
 # --------------------------------------------------------------------------------------------------------
