@@ -35,6 +35,12 @@ Storage (:class:`BlockFormat`): MXFP4 costs ``4 + 8/32 = 4.25`` bits per element
 the layout of ``torch.float4_e2m1fn_x2``. E8M0 scales are ``uint8`` codes, bit for bit
 ``torch.float8_e8m0fnu``.
 
+Tests: ``tests/test_mx.py`` checks every function bit for bit against a reference written from the published
+definitions (element values enumerated from the bit fields, nearest value with ties to the even code, the
+shared exponent by ``frexp``; NVIDIA's recipe in float32), against PyTorch's own ``float8_e4m3fn``,
+``float8_e5m2`` and ``float8_e8m0fnu`` casts and the ``float4_e2m1fn_x2`` layout;
+``benchmarks/check_mx_torchao.py`` compares with torchao's MX and NVFP4 emulation.
+
 >>> codes, scales = quantize_mx(torch.tensor([0.3, -1.0, 2.5, 5.0]), FP4_E2M1, block_size=4)
 >>> scales            # floor(log2 5.0) - 2 = 0: X = 2^0, code 127
 tensor([127], dtype=torch.uint8)

@@ -313,6 +313,20 @@ def test_nan_blocks_decode_to_nan_only_in_their_block() -> None:
     assert not codes[0].any()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 70), st.integers(-3, 2), st.sampled_from(mx.ELEMENTS))
+def test_any_block_size_either_works_or_says_why(rows, length, axis, element) -> None:
+    x = torch.randn(rows, length, dtype=torch.float64).float()
+    for block_size in (1, 2, 16, 32, 0, -4):
+        if not -2 <= axis < 2 or block_size < 1 or x.shape[axis] % block_size:
+            with pytest.raises(ValueError, match="axis|block_size"):
+                mx.quantize_mx(x, element, block_size=block_size, axis=axis)
+            continue
+        codes, scales = mx.quantize_mx(x, element, block_size=block_size, axis=axis)
+        assert codes.shape == x.shape and scales.shape[axis] == x.shape[axis] // block_size
+        assert mx.dequantize_mx(codes, scales, element, axis=axis).shape == x.shape
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 def test_bad_input_raises_clear_errors() -> None:
     x = torch.randn(4, 48)
