@@ -224,13 +224,19 @@ def _dynamic_cpu(
     y = torch.empty(M, N, dtype=torch.float32)
     acc = y.view(torch.int32)  # the int32 accumulators live where their float32 outputs will be
     step = _rows_per_chunk(N)
-    scales = []
-    for start in range(0, M, step):
-        rows = slice(start, start + step)
-        q, a_scale = _quantize_per_token(x[rows], qmin, qmax)  # (m, K) int8, (m, 1)
-        torch._int_mm(q, weight_t, out=acc[rows])  # (m, N) int32
-        _dequantize_epilogue(acc[rows], a_scale, w_scale, bias, y[rows])  # in place, element by element
-        scales.append(a_scale)
+    if 0 < M <= step:  # one chunk (the usual case): no slicing
+        q, a_scale = _quantize_per_token(x, qmin, qmax)  # (M, K) int8, (M, 1)
+        torch._int_mm(q, weight_t, out=acc)  # (M, N) int32
+        _dequantize_epilogue(acc, a_scale, w_scale, bias, y)  # in place, element by element
+        scales = [a_scale]
+    else:
+        scales = []
+        for start in range(0, M, step):
+            rows = slice(start, start + step)
+            q, a_scale = _quantize_per_token(x[rows], qmin, qmax)
+            torch._int_mm(q, weight_t, out=acc[rows])
+            _dequantize_epilogue(acc[rows], a_scale, w_scale, bias, y[rows])
+            scales.append(a_scale)
     largest = scales[0].max() if len(scales) == 1 else torch.cat(scales).max() if scales else 0.0
     if not float(largest) < math.inf:  # NaN or inf in x made a scale NaN or inf: the rows are garbage
         _check_finite_scale(torch.cat(scales), x, f"{who}: ")
@@ -519,7 +525,8 @@ class QuantLinear(_IntegerMatmul):
             and x.shape[-1] == self.in_features
             and x.is_cpu
         ):  # dynamic int8 on the CPU: the short path
-            y = self._matmul(x.reshape(-1, self.in_features), False)
+            rows = x.detach().reshape(-1, self.in_features)  # (M, K)
+            y = _dynamic_cpu(rows, self.weight.t(), self.weight_scale, self.bias, -127, 127, "QuantLinear")
             return y.view(*x.shape[:-1], self.out_features)
         _check_float_input(x, type(self).__name__, f"(..., {self.in_features})")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
