@@ -75,21 +75,34 @@ class Result:
         return out
 
 
-def _per_call(fn: Callable[[], object], reps: int) -> float:
-    start = time.perf_counter()
+Clock = Callable[[], float]
+
+
+def _per_call(fn: Callable[[], object], reps: int, clock: Clock = time.perf_counter) -> float:
+    start = clock()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - start) / reps
+    return (clock() - start) / reps
 
 
-def _reps(fn: Callable[[], object], budget_s: float) -> int:
+def _reps(fn: Callable[[], object], budget_s: float, clock: Clock = time.perf_counter) -> int:
     """How many calls fill about ``budget_s`` seconds (at least 1)."""
-    once = _per_call(fn, 1)
+    once = _per_call(fn, 1, clock)
     return max(1, min(10_000, int(budget_s / max(once, 1e-7))))
 
 
-def compare(rows: Iterable[Row], rounds: int = 11, budget_s: float = 0.02, warmup: int = 2) -> list[Result]:
-    """Time every row's qbook and peer calls, interleaved round by round; see the module docstring."""
+def compare(
+    rows: Iterable[Row],
+    rounds: int = 11,
+    budget_s: float = 0.02,
+    warmup: int = 2,
+    clock: Clock = time.perf_counter,
+) -> list[Result]:
+    """Time every row's qbook and peer calls, interleaved round by round; see the module docstring.
+
+    ``clock`` is wall time by default; ``time.thread_time`` (the calling thread's CPU time) is steadier on a
+    busy machine but only meaningful with one torch thread.
+    """
     rows = list(rows)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -97,12 +110,12 @@ def compare(rows: Iterable[Row], rounds: int = 11, budget_s: float = 0.02, warmu
         for _ in range(warmup):
             row.qbook()
             row.peer()
-    reps = [(_reps(r.qbook, budget_s), _reps(r.peer, budget_s)) for r in rows]
+    reps = [(_reps(r.qbook, budget_s, clock), _reps(r.peer, budget_s, clock)) for r in rows]
     results = [Result(r) for r in rows]
     for _ in range(rounds):
         for result, (nq, np_) in zip(results, reps, strict=True):
-            result.qbook_s.append(_per_call(result.row.qbook, nq))
-            result.peer_s.append(_per_call(result.row.peer, np_))
+            result.qbook_s.append(_per_call(result.row.qbook, nq, clock))
+            result.peer_s.append(_per_call(result.row.peer, np_, clock))
     return results
 
 
