@@ -306,7 +306,7 @@ def _affine_rows(n: int, torchao: bool = True) -> list[Row]:
             "affine",
         ),
         Row(
-            "aminmax + calc_qparams (4096 channels)",
+            "minmax + calc_qparams (4096 channels)",
             "torchao choose_qparams_affine",
             lambda: qbook.calc_qparams(*minmax(w, PerChannel(0)), -128, 127),
             lambda: choose_qparams_affine(w, MappingType.ASYMMETRIC, (1, 1024), torch.int8, -128, 127),
