@@ -10,7 +10,7 @@ qbook is faster) and writes everything, with the provenance of the machine, to
 
 It also measures the transient memory of quantizing one 4096 x 4096 weight per group of 128 (qbook.quantize
 with PerGroup) against the plain torch composition, each in a fresh subprocess (peak resident memory minus
-the resident memory before the call)."""
+the resident memory before the call; Linux's /proc/self/clear_refs resets the peak first)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from qbook import bench
 RESULTS = Path(__file__).resolve().parent / "results"
 
 _MEMORY_PROBE = r"""
-import resource, sys, torch
+import sys, torch
 torch.set_num_threads(1)
 import qbook
 from qbook.granularity import PerGroup
@@ -43,10 +43,14 @@ def composition():
 def ours():
     return qbook.quantize(w, scale, zero, -128, 127, granularity=PerGroup(1, 128))
 fn = {"composition": composition, "qbook": ours}[sys.argv[1]]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))  # kB
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident size (VmHWM) to the current one
+before = status("VmRSS")
 out = fn()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024)
+print((status("VmHWM") - before) / 1024)
 """
 
 
