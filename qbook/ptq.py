@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from qbook.affine import INT8, INT8_SYMMETRIC, QuantSpec
-from qbook.granularity import Granularity, PerChannel, PerGroup, PerTensor
+from qbook.granularity import Granularity, PerChannel, PerGroup
 from qbook.nn import MODULES, QuantConv2d, QuantLinear, QuantModule, WeightOnlyConv2d, WeightOnlyLinear
 from qbook.observers import MinMaxObserver, Observer
 
@@ -84,7 +84,8 @@ class QuantConfig:
     """What to quantize and how (量化对象) — chapter 7.
 
     * ``weight`` / ``weight_granularity``: the weight grid and who shares a scale. With activations (W8A8)
-      the grid is 8-bit symmetric, ``PerChannel(0)`` (one scale per output channel) or ``PerTensor()``;
+      the grid is 8-bit symmetric, ``PerChannel(0)`` (one scale per output channel: the integer modules of
+      :mod:`qbook.nn` store per-channel weight scales, so ``PerTensor()`` is refused rather than ignored);
       weight-only configs take 2..8 bits per channel or ``PerGroup(1, g)``.
     * ``activation``: the input grid (8-bit), or ``None`` for weight-only quantization.
     * ``dynamic``: quantize inputs at run time, one symmetric scale per token (row); else (static) one
@@ -128,8 +129,11 @@ class QuantConfig:
             )
         if not (self.weight.symmetric and self.weight.signed):
             raise ValueError(f"the weight grid must be signed and symmetric, got {self.weight}")
-        if g not in (PerChannel(0), PerTensor()):
-            raise ValueError(f"W8A8 weight granularity must be PerChannel(0) or PerTensor(), got {g!r}")
+        if g != PerChannel(0):
+            raise ValueError(
+                f"W8A8 weight granularity must be PerChannel(0) (qbook.nn's integer modules keep one weight "
+                f"scale per output channel), got {g!r}"
+            )
         if self.dynamic and not self.activation.symmetric:
             raise ValueError(f"dynamic activations are symmetric per token, got {self.activation}")
 

@@ -86,7 +86,8 @@ def test_config_type_errors() -> None:
         ptq.QuantConfig(weight="int8")
     with pytest.raises(TypeError):
         ptq.QuantConfig(observer=3)
-    assert ptq.QuantConfig(weight_granularity=PerTensor()).kind == "static"
+    with pytest.raises(ValueError, match="PerChannel"):  # refused, not silently ignored
+        ptq.QuantConfig(weight_granularity=PerTensor())
 
 
 # --------------------------------------------------------------------------------------------------------
