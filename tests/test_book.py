@@ -138,7 +138,7 @@ PROSE_ALLOW: dict[str, dict[str, str]] = {
         "80000": "IEC 80000-13, a standard's name",
     },
     "02_float_formats.ipynb": {
-        "2.12": "the PyTorch release from which float8_e4m3fn casts saturate (a fact, cited with its pull request)",
+        "2.12": "the PyTorch release from which float8_e4m3fn casts saturate (cited with its pull request)",
         "178817": "the pytorch/pytorch pull request number that made the E4M3 cast saturate",
     },
     "05_outliers_calibration.ipynb": {
