@@ -11,9 +11,10 @@ provides what chapter 5 needs to see and fix that on a real model:
   mixed-precision decomposition (Dettmers et al., 2022), with real integer arithmetic or simulated;
 * :func:`smooth_scales`, :func:`smooth_linear`, :func:`smooth_layernorm_linears` — SmoothQuant's migration
   of the activation difficulty into the weights (Xiao et al., 2023);
-* :class:`QuantLinear` and :func:`quantize_linears` — module surgery that simulates a quantized
+* :class:`FakeQuantLinear` and :func:`quantize_linears` — module surgery that simulates a quantized
   ``nn.Linear`` (weights and inputs fake-quantized), with the fixes as options; :func:`restore_linears`
-  undoes it.
+  undoes it. The real quantized layer is chapter 7's :class:`qbook.nn.QuantLinear` (int8 weights, integer
+  matmul); :meth:`FakeQuantLinear.to_integer` turns a calibrated simulation into it where the scheme allows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = [
     "LLM_INT8",
     "W8A8",
     "LinearQuantConfig",
-    "QuantLinear",
+    "FakeQuantLinear",
     "capture_activations",
     "llm_int8_matmul",
     "outlier_channels",
@@ -73,7 +74,7 @@ def _describe(t: object) -> str:
 
 
 def _is_linear(name: str, module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, QuantLinear))
+    return isinstance(module, (nn.Linear, FakeQuantLinear))
 
 
 def _run(model: nn.Module, inputs: Callable[[], Any] | Iterable[Any]) -> None:
@@ -421,7 +422,7 @@ def smooth_layernorm_linears(
 
     Only valid when the LayerNorm's output feeds nothing else: in a post-LN model (BERT, MiniLM) it also
     feeds the residual connection, which would see ``x / s`` — there the input of each linear is divided
-    instead (:class:`QuantLinear` with ``smooth_alpha``).
+    instead (:class:`FakeQuantLinear` with ``smooth_alpha``).
 
     >>> import torch
     >>> _ = torch.manual_seed(0); ln, fc = torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)
@@ -458,7 +459,7 @@ def smooth_layernorm_linears(
 
 @dataclass(frozen=True)
 class LinearQuantConfig:
-    """How :class:`QuantLinear` quantizes (simulated: fake quantization in float).
+    """How :class:`FakeQuantLinear` quantizes (simulated: fake quantization in float).
 
     * ``weight``/``weight_granularity``: the weight grid, e.g. int8 symmetric per tensor (``PerTensor()``)
       or per output channel (``PerChannel(0)``); ``None`` keeps float weights (activation-only);
@@ -519,7 +520,7 @@ LLM_INT8 = LinearQuantConfig(
 )
 
 
-class QuantLinear(nn.Module):
+class FakeQuantLinear(nn.Module):
     """A simulated quantized ``nn.Linear`` for experiments on real models — chapter 5 (and 7).
 
     Two phases. While ``calibrating`` (after construction) the layer computes in float exactly like the
@@ -536,7 +537,7 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, config: LinearQuantConfig, smooth: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"QuantLinear wraps an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"FakeQuantLinear wraps an nn.Linear, got {type(linear).__name__}")
         if not isinstance(config, LinearQuantConfig):
             raise TypeError(f"config must be a LinearQuantConfig, got {type(config).__name__}")
         if smooth is not None and not isinstance(smooth, torch.Tensor):
@@ -569,15 +570,15 @@ class QuantLinear(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Feed an input batch ``(..., K)`` (e.g. captured earlier) to the observer, after smoothing."""
         if self.observer is None:
-            raise RuntimeError("this QuantLinear has no observer (dynamic or float activations)")
+            raise RuntimeError("this FakeQuantLinear has no observer (dynamic or float activations)")
         self.observer.observe(self._smoothed(self._check_input(x).detach().float()))
 
     def _check_input(self, x: object) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"QuantLinear takes a floating-point tensor (..., K), got {_describe(x)}")
+            raise TypeError(f"FakeQuantLinear takes a floating-point tensor (..., K), got {_describe(x)}")
         if x.ndim == 0 or x.shape[-1] != self.linear.in_features:
             raise ValueError(
-                f"QuantLinear expects inputs (..., {self.linear.in_features}), got shape {tuple(x.shape)}"
+                f"FakeQuantLinear expects inputs (..., {self.linear.in_features}), got shape {tuple(x.shape)}"
             )
         return x
 
@@ -610,6 +611,47 @@ class QuantLinear(nn.Module):
         x_hat = fake_quantize(x, self.scale, self.zero_point, spec.qmin, spec.qmax)
         return nn.functional.linear(x_hat, self.weight_hat, bias)
 
+    def to_integer(self) -> Any:
+        """This calibrated simulation as chapter 7's integer :class:`qbook.nn.QuantLinear`.
+
+        The simulation computes ``fake_quantize(x) @ fake_quantize(W)^T + b``; the integer module computes the
+        same products exactly in int32 and dequantizes once, so the two agree up to float rounding. Only the
+        schemes that module implements convert: int8 symmetric weights per output channel, with static
+        per-tensor inputs (after :meth:`freeze`) or dynamic per-token inputs without LLM.int8()'s
+        decomposition. SmoothQuant's division of the input belongs in the previous operation
+        (:func:`smooth_layernorm_linears`), so a layer that divides its own input has no integer form here.
+        """
+        from qbook.nn import QuantLinear  # chapter 7's module family
+
+        c = self.config
+        if self.smooth is not None:
+            raise ValueError(
+                "this FakeQuantLinear divides its own input by SmoothQuant's scales; fold them into the "
+                "previous operation (smooth_layernorm_linears) before converting to integers"
+            )
+        if c.weight != INT8_SYMMETRIC or c.weight_granularity != PerChannel(0):
+            raise ValueError(
+                "qbook.nn.QuantLinear keeps int8 symmetric weights per output channel; this layer quantizes "
+                f"its weights with {c.weight} {c.weight_granularity}"
+            )
+        if c.activation is None:
+            raise ValueError("weights only: use qbook.nn.WeightOnlyLinear.from_float for this scheme")
+        if c.dynamic:
+            if c.threshold != math.inf:
+                raise ValueError(
+                    f"LLM.int8()'s decomposition (threshold={c.threshold}) keeps outlier features in float; "
+                    "qbook.nn.QuantLinear has no float path"
+                )
+            return QuantLinear.from_float(self.linear, activation="dynamic")
+        if self.calibrating or self.scale is None:
+            raise ValueError("calibrate the layer and call freeze() before converting it to integers")
+        return QuantLinear.from_float(
+            self.linear,
+            activation="static",
+            act_spec=c.activation,
+            input_qparams=(self.scale, self.zero_point),
+        )
+
     def extra_repr(self) -> str:
         c = self.config
         observer = getattr(c.observer, "func", c.observer)  # functools.partial -> the observer class
@@ -622,9 +664,9 @@ def quantize_linears(
     config: LinearQuantConfig,
     module_filter: Callable[[str, nn.Module], bool] | None = None,
     act_absmax: dict[str, torch.Tensor] | None = None,
-) -> dict[str, QuantLinear]:
+) -> dict[str, FakeQuantLinear]:
     """Replace, in place, every ``nn.Linear`` of ``model`` that ``module_filter(name, module)`` selects
-    (default: all) by a :class:`QuantLinear` with ``config``; returns them by name. With
+    (default: all) by a :class:`FakeQuantLinear` with ``config``; returns them by name. With
     ``config.smooth_alpha``, ``act_absmax[name]`` (from :func:`capture_activations`) gives each layer's
     SmoothQuant scales. Undo with :func:`restore_linears`.
 
@@ -633,7 +675,7 @@ def quantize_linears(
     >>> layers = quantize_linears(model, LinearQuantConfig())
     >>> _ = model(torch.randn(8, 4)); layers["0"].freeze()      # calibrate, then quantize
     >>> type(model[0]).__name__, type(restore_linears(model)[0]).__name__
-    ('QuantLinear', 'Linear')
+    ('FakeQuantLinear', 'Linear')
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -657,17 +699,17 @@ def quantize_linears(
                 smooth = smooth_scales(act_absmax[name], linear.weight, config.smooth_alpha)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"layer {name!r}: {e}") from e
-        wrapped[name] = QuantLinear(linear, config, smooth)
+        wrapped[name] = FakeQuantLinear(linear, config, smooth)
         _set_submodule(model, name, wrapped[name])
     return wrapped
 
 
 def restore_linears(model: nn.Module) -> nn.Module:
-    """Put back the original ``nn.Linear`` of every :class:`QuantLinear` in ``model`` (in place)."""
+    """Put back the original ``nn.Linear`` of every :class:`FakeQuantLinear` in ``model`` (in place)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, FakeQuantLinear):
             _set_submodule(model, name, module.linear)
     return model
 

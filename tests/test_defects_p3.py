@@ -19,8 +19,8 @@ from qbook.observers import (
     kl_divergence,
 )
 from qbook.outliers import (
+    FakeQuantLinear,
     LinearQuantConfig,
-    QuantLinear,
     llm_int8_matmul,
     quantize_linears,
     smooth_layernorm_linears,
@@ -206,9 +206,13 @@ def test_smooth_scales_nan_weight_names_the_layer():
          r"shape \(3,\) but the linears read 4"),
         (lambda: smooth_layernorm_linears(nn.LayerNorm(3), [nn.ReLU()], torch.ones(3)), TypeError,
          r"linears\[0\]"),
-        (lambda: QuantLinear(nn.Linear(3, 2), "W8A8"), TypeError, "LinearQuantConfig"),
-        (lambda: QuantLinear(nn.Linear(3, 2), LinearQuantConfig(), smooth=[1.0] * 3), TypeError, "smooth"),
-        (lambda: QuantLinear(nn.Linear(3, 2), LinearQuantConfig())(torch.ones(2, 4)), ValueError,
+        (lambda: FakeQuantLinear(nn.Linear(3, 2), "W8A8"), TypeError, "LinearQuantConfig"),
+        (
+            lambda: FakeQuantLinear(nn.Linear(3, 2), LinearQuantConfig(), smooth=[1.0] * 3),
+            TypeError,
+            "smooth",
+        ),
+        (lambda: FakeQuantLinear(nn.Linear(3, 2), LinearQuantConfig())(torch.ones(2, 4)), ValueError,
          r"inputs \(\.\.\., 3\), got shape \(2, 4\)"),
         (lambda: quantize_linears("model", LinearQuantConfig()), TypeError, "torch.nn.Module"),
     ],

@@ -1,4 +1,4 @@
-"""Tests for qbook.outliers: LLM.int8() decomposition, SmoothQuant, activation capture, QuantLinear."""
+"""Tests for qbook.outliers: LLM.int8() decomposition, SmoothQuant, activation capture, FakeQuantLinear."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from qbook.affine import INT8, INT8_SYMMETRIC, QuantSpec, fake_quantize
 from qbook.granularity import PerChannel
 from qbook.observers import MinMaxObserver, PercentileObserver
 from qbook.outliers import (
+    FakeQuantLinear,
     LinearQuantConfig,
-    QuantLinear,
     capture_activations,
     llm_int8_matmul,
     outlier_channels,
@@ -203,13 +203,13 @@ def test_capture_removes_hooks_on_error():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# QuantLinear and the module surgery
+# FakeQuantLinear and the module surgery
 # ---------------------------------------------------------------------------------------------------------
 
 
 def test_calibrating_layer_computes_in_float():
     linear = nn.Linear(6, 3)
-    layer = QuantLinear(linear, LinearQuantConfig(smooth_alpha=0.5), smooth=torch.rand(6) + 0.5)
+    layer = FakeQuantLinear(linear, LinearQuantConfig(smooth_alpha=0.5), smooth=torch.rand(6) + 0.5)
     x = torch.randn(5, 6)
     torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-6)
     assert layer.observer.batches == 1
@@ -218,7 +218,7 @@ def test_calibrating_layer_computes_in_float():
 def test_static_w8a8_matches_manual_fake_quantization():
     linear = nn.Linear(6, 3)
     x = torch.randn(20, 6)
-    layer = QuantLinear(linear, LinearQuantConfig())
+    layer = FakeQuantLinear(linear, LinearQuantConfig())
     layer(x)
     layer.freeze()
     obs = MinMaxObserver(spec=INT8)
@@ -232,10 +232,11 @@ def test_static_w8a8_matches_manual_fake_quantization():
 def test_weight_only_and_float_configs():
     linear = nn.Linear(6, 3)
     x = torch.randn(4, 6)
-    float_layer = QuantLinear(linear, LinearQuantConfig(weight=None, activation=None))
+    float_layer = FakeQuantLinear(linear, LinearQuantConfig(weight=None, activation=None))
     float_layer.freeze()
     torch.testing.assert_close(float_layer(x), linear(x))
-    per_channel = QuantLinear(linear, LinearQuantConfig(activation=None, weight_granularity=PerChannel(0)))
+    weights_only = LinearQuantConfig(activation=None, weight_granularity=PerChannel(0))
+    per_channel = FakeQuantLinear(linear, weights_only)
     w_scale = linear.weight.abs().amax(dim=1, keepdim=True) / 127
     w_hat = fake_quantize(linear.weight.detach(), w_scale, 0, -127, 127)
     torch.testing.assert_close(per_channel(x), nn.functional.linear(x, w_hat, linear.bias))
@@ -244,7 +245,7 @@ def test_weight_only_and_float_configs():
 def test_dynamic_layer_is_llm_int8_and_counts_routed_features():
     linear = nn.Linear(32, 8)
     x, _ = with_outliers(M=12)
-    layer = QuantLinear(linear, dataclass_replace(VECTORWISE, threshold=6.0))
+    layer = FakeQuantLinear(linear, dataclass_replace(VECTORWISE, threshold=6.0))
     layer.freeze()
     out = layer(x.reshape(3, 4, 32))
     expected = llm_int8_matmul(x, linear.weight.detach(), 6.0) + linear.bias
@@ -264,7 +265,7 @@ def test_quantize_and_restore_round_trip():
     before = model(x)
     config = LinearQuantConfig(observer=functools.partial(PercentileObserver, percentile=99.0))
     layers = quantize_linears(model, config, module_filter=lambda name, m: name == "2")
-    assert list(layers) == ["2"] and isinstance(model[2], QuantLinear) and isinstance(model[0], nn.Linear)
+    assert list(layers) == ["2"] and isinstance(model[2], FakeQuantLinear) and isinstance(model[0], nn.Linear)
     torch.testing.assert_close(model(x), before)  # calibrating: float
     layers["2"].freeze()
     assert not torch.allclose(model(x), before, rtol=0, atol=1e-7)  # quantized now
@@ -274,9 +275,10 @@ def test_quantize_and_restore_round_trip():
 
 
 def test_repr_names_the_observer():
-    layer = QuantLinear(nn.Linear(2, 3), LinearQuantConfig(observer=functools.partial(PercentileObserver)))
+    config = LinearQuantConfig(observer=functools.partial(PercentileObserver))
+    layer = FakeQuantLinear(nn.Linear(2, 3), config)
     assert "inputs=PercentileObserver" in repr(layer)
-    assert "inputs=dynamic per-token" in repr(QuantLinear(nn.Linear(2, 3), VECTORWISE))
+    assert "inputs=dynamic per-token" in repr(FakeQuantLinear(nn.Linear(2, 3), VECTORWISE))
 
 
 def test_smoothquant_layers_need_statistics():
@@ -323,9 +325,9 @@ def test_smoothquant_layers_need_statistics():
         (lambda: smooth_linear(nn.Linear(3, 2), torch.ones(2)), ValueError, r"shape \(3,\)"),
         (lambda: smooth_linear(nn.Linear(2, 2), torch.tensor([1.0, 0.0])), ValueError, "positive"),
         (lambda: smooth_layernorm_linears(nn.Identity(), [], torch.ones(2)), TypeError, "nn.LayerNorm"),
-        (lambda: QuantLinear(nn.Conv1d(1, 1, 1), LinearQuantConfig()), TypeError, "wraps an nn.Linear"),
+        (lambda: FakeQuantLinear(nn.Conv1d(1, 1, 1), LinearQuantConfig()), TypeError, "wraps an nn.Linear"),
         (
-            lambda: QuantLinear(nn.Linear(2, 2), VECTORWISE).observe(torch.ones(2)),
+            lambda: FakeQuantLinear(nn.Linear(2, 2), VECTORWISE).observe(torch.ones(2)),
             RuntimeError,
             "no observer",
         ),
@@ -358,3 +360,60 @@ def test_bad_input(call, error, match):
 def test_bad_config(kwargs, error, match):
     with pytest.raises(error, match=match):
         LinearQuantConfig(**kwargs)
+
+
+# FakeQuantLinear.to_integer: the simulation becomes chapter 7's integer module
+
+PER_CHANNEL_W8A8 = LinearQuantConfig(weight_granularity=PerChannel(0))
+
+
+def test_to_integer_static_matches_the_simulation_and_an_independent_integer_computation() -> None:
+    import qbook.nn
+    from qbook import int_matmul, quantize
+
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    layer = FakeQuantLinear(linear, PER_CHANNEL_W8A8)
+    x = torch.randn(32, 16, dtype=torch.float64).float()
+    layer(x)  # calibrate
+    layer.freeze()
+    integer = layer.to_integer()
+    assert isinstance(integer, qbook.nn.QuantLinear) and "static" in repr(integer)
+    simulated, exact = layer(x), integer(x)
+    # the same products (exact int32 sums vs float sums of dequantized values); the integer module also
+    # rounds the bias to its int32 grid of step s_x s_w[n] (chapter 9): at most half a step apart
+    bound = integer.acc_scale / 2 + 1e-5 * simulated.abs() + 1e-6
+    assert ((exact - simulated).abs() <= bound).all()
+    # and the integer module is what quantize + int_matmul + one dequantization give by hand
+    q = quantize(x, layer.scale, layer.zero_point, INT8.qmin, INT8.qmax)
+    acc = int_matmul(q, integer.weight.T, a_zero_point=int(layer.zero_point))
+    by_hand = (acc + integer.bias).float() * integer.acc_scale
+    assert torch.equal(exact, by_hand)
+
+
+def test_to_integer_dynamic_is_per_token() -> None:
+    layer = FakeQuantLinear(nn.Linear(8, 4), VECTORWISE)
+    integer = layer.to_integer()
+    assert "per-token dyn" in repr(integer)
+    x = torch.randn(5, 8, dtype=torch.float64).float()
+    assert torch.allclose(integer(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: FakeQuantLinear(nn.Linear(4, 2), LinearQuantConfig()), "per output channel"),  # per-tensor W
+        (lambda: FakeQuantLinear(nn.Linear(4, 2), PER_CHANNEL_W8A8), "freeze"),  # not calibrated
+        (
+            lambda: FakeQuantLinear(nn.Linear(4, 2), dataclass_replace(VECTORWISE, threshold=6.0)),
+            "decomposition",
+        ),
+        (lambda: FakeQuantLinear(nn.Linear(4, 2), PER_CHANNEL_W8A8, smooth=torch.ones(4)), "SmoothQuant"),
+        (lambda: FakeQuantLinear(nn.Linear(4, 2), LinearQuantConfig(activation=None,
+                                                                    weight_granularity=PerChannel(0))),
+         "WeightOnlyLinear"),
+    ],
+)
+def test_to_integer_refuses_schemes_the_integer_module_lacks(make, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        make().to_integer()
