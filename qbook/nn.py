@@ -41,6 +41,7 @@ QuantLinear(384→1536, W8 per-channel sym, A8 per-token dyn)
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Literal
 
 import torch
@@ -257,7 +258,7 @@ _INT_MM_CPU = _probe_int_mm()
 # --------------------------------------------------------------------------------------------------------
 
 
-class QuantModule(nn.Module):
+class QuantModule(nn.Module, ABC):
     """Base of qbook's quantized modules: ``nbytes`` (true size), ``scheme`` (a short description) and
     ``init_args`` (what :func:`qbook.ptq.load` needs to rebuild an empty module before loading its state)."""
 
@@ -271,12 +272,14 @@ class QuantModule(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     @property
-    def scheme(self) -> str:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abstractmethod
+    def scheme(self) -> str:
+        """A short description of the quantization scheme, as ``repr`` shows it."""
 
     @property
-    def init_args(self) -> dict[str, Any]:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abstractmethod
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild an empty module of this shape and scheme."""
 
     def _derive(self) -> None:
         """Recompute the run-time constants (non-persistent buffers) from the stored ones."""
@@ -561,6 +564,21 @@ class _ConvGeometry:
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
 
+    @classmethod
+    def _conv_args(cls, conv: nn.Conv2d) -> tuple[Any, ...]:
+        """The checked float ``conv``'s shape as this class's positional constructor arguments."""
+        _check_float_module(conv, nn.Conv2d, cls.__name__)
+        cls._check_conv(conv, cls.__name__)
+        return (
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+        )
+
     @staticmethod
     def _check_conv(conv: nn.Conv2d, who: str) -> None:
         if conv.groups != 1:
@@ -642,16 +660,8 @@ class QuantConv2d(_ConvGeometry, _IntegerMatmul):
         weight_spec: QuantSpec = INT8_SYMMETRIC,
     ) -> QuantConv2d:
         """Quantize ``conv`` as :meth:`QuantLinear.from_float` does (weight per output channel)."""
-        _check_float_module(conv, nn.Conv2d, cls.__name__)
-        cls._check_conv(conv, cls.__name__)
         module = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
+            *cls._conv_args(conv),
             activation=activation,
             act_spec=act_spec,
             output=output,
@@ -898,16 +908,8 @@ class WeightOnlyConv2d(_ConvGeometry, _WeightOnly):
     def from_float(
         cls, conv: nn.Conv2d, *, bits: int = 8, group_size: int | None = None, spec: QuantSpec | None = None
     ) -> WeightOnlyConv2d:
-        _check_float_module(conv, nn.Conv2d, cls.__name__)
-        cls._check_conv(conv, cls.__name__)
         module = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
+            *cls._conv_args(conv),
             bits=bits,
             group_size=group_size,
             spec=spec,

@@ -304,15 +304,13 @@ def quantize_weights(
     with ``bits``-bit symmetric codes (packed below 8 bits), one scale per group of ``group_size`` inputs
     (``None``: per output channel; a ``K`` that ``group_size`` does not divide is padded with zero codes).
 
-    ``method="rtn"`` rounds to nearest. ``"gptq"`` and ``"awq"`` (which use ``batches``) are chapter 11's and
-    raise ``NotImplementedError`` until then. Returns a copy unless ``inplace=True``.
+    ``method="rtn"`` rounds to nearest, the only method of this edition: GPTQ and AWQ (which will use
+    ``batches``) belong to chapter 11, which is not written yet. Returns a copy unless ``inplace=True``.
     """
-    if method in ("gptq", "awq"):
-        raise NotImplementedError(
-            f"method={method!r} comes with chapter 11 (beyond round-to-nearest); use 'rtn'"
-        )
     if method != "rtn":
-        raise ValueError(f"method must be 'rtn' (or chapter 11's 'gptq', 'awq'), got {method!r}")
+        raise ValueError(
+            f"method must be 'rtn' (round to nearest; 'gptq' and 'awq' come with chapter 11), got {method!r}"
+        )
     if batches is not None:
         raise ValueError("method='rtn' needs no data; batches are for chapter 11's methods")
     _check_model(model, inplace)

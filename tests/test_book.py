@@ -112,8 +112,10 @@ def test_config_points_nowhere_invented() -> None:
 
 # --- Numbers in the prose come from the code ---------------------------------------------------------------
 
-#: A prose number worth checking: 4+ digits (thousands separators allowed) or with a decimal point.
-PROSE_NUMBER = re.compile(r"(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d{4,})(?![\w])")
+#: A prose number worth checking: 4+ digits (thousands separated by commas or spaces) or a decimal point.
+PROSE_NUMBER = re.compile(
+    r"(?<![\w.])(?:\d{1,3}(?:[, \u2009\u202f]\d{3})+(?:\.\d+)?|\d+\.\d+|\d{4,})(?![\w])"
+)
 #: Any number in an output, with optional thousands separators, decimals and exponent.
 OUTPUT_NUMBER = re.compile(r"(?<![\w])\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 #: Markup whose digits are not prose: glue roles, citations, cross-references, labels, targets, links.
@@ -173,7 +175,7 @@ def _output_numbers(path: Path) -> list[str]:
 
 def _backed(number: str, outputs: list[str]) -> bool:
     """Whether an output shows ``number``: the same digits, or a longer decimal that rounds to it."""
-    plain = number.replace(",", "")
+    plain = re.sub(r"[, \u2009\u202f]", "", number)
     if plain in outputs:
         return True
     if "." not in plain:
@@ -215,6 +217,7 @@ def test_prose_number_check_catches_a_typed_number() -> None:
     references = "## 4.2 Zero points\nsee §5.2, Figure 4.1, Sections 6.2 and 6.3, (9.4)"
     assert not PROSE_NUMBER.findall(NOT_PROSE.sub(" ", references))
     assert PROSE_NUMBER.findall("the 540,288 outputs, 8 bits, 2.5 times") == ["540,288", "2.5"]
+    assert PROSE_NUMBER.findall("for 200 000 values") == ["200 000"] and _backed("200 000", ["200000"])
 
 
 # --- Pages show the code that teaches --------------------------------------------------------------------
