@@ -55,6 +55,7 @@ __all__ = [
     "dtype_for_range",
     "fake_quantize",
     "quantize",
+    "torch_quantize_per_tensor",
     "sqnr_db",
 ]
 
@@ -933,6 +934,20 @@ class QTensor:
         else:
             raise ValueError(f"torch qscheme {scheme} has no qbook counterpart")
         return cls(t.int_repr(), scale, zero_point, spec, granularity)
+
+
+def torch_quantize_per_tensor(
+    x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype = torch.qint8
+) -> torch.Tensor:
+    """PyTorch's own per-tensor quantization of ``x``, as its integer codes (``int_repr``): the peer that
+    chapter 3 and appendix A compare :func:`quantize` with. torch's deprecation notice for its quantized
+    tensors is silenced (comparing with them is the point); a torch without them raises ``RuntimeError``.
+
+    >>> torch_quantize_per_tensor(torch.tensor([0.5, -1.0]), 0.25, 0).tolist()
+    [2, -4]
+    """
+    x = _check_float(x, "x")
+    return _call_torch("quantize_per_tensor", x, float(scale), int(zero_point), dtype).int_repr()
 
 
 def _call_torch(name: str, *args: object) -> torch.Tensor:

@@ -30,8 +30,12 @@ import json
 import re
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["SOURCE_MODULES", "is_sentence", "sentences"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SOURCE_MODULES", "is_sentence", "randn", "sentences"]
 
 #: Standard-library modules whose public functions and classes supply the sentences: pure Python or with
 #: documentation that does not depend on the platform (no ``os``, ``socket``, ``ssl``, ``asyncio``).
@@ -52,6 +56,23 @@ MAX_WORDS = 40
 _ALLOWED = re.compile(r"[A-Za-z0-9 ,;:'\"()\-/.]+")  # plain prose: no code, no markup, no symbols
 _ABBREVIATION = re.compile(r"\b(e\.g|i\.e|etc)\b")
 _FIRST_SENTENCE = re.compile(r"(.+?\.)(?:\s|$)")  # up to the first full stop followed by a space or the end
+
+
+def randn(*shape: int) -> torch.Tensor:
+    """Standard normal float32 samples that are the same on every CPU.
+
+    PyTorch's float32 ``randn`` takes a vectorised code path on CPUs with AVX2 and a scalar one elsewhere,
+    which draw different samples from the same seed; its float64 ``randn`` does not. So the samples are
+    drawn in float64 (from torch's global generator) and rounded to float32.
+
+    >>> import torch
+    >>> _ = torch.manual_seed(0); a = randn(3, 2)
+    >>> _ = torch.manual_seed(0); torch.equal(a, torch.randn(3, 2, dtype=torch.float64).float())
+    True
+    """
+    import torch
+
+    return torch.randn(*shape, dtype=torch.float64).float()
 
 
 def is_sentence(text: str) -> bool:

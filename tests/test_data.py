@@ -98,3 +98,14 @@ def test_patched_stdlib_does_not_change_the_corpus(monkeypatch):
         assert "Work out which source or compiled file an object was defined in." in before
     finally:
         data._corpus.cache_clear()
+
+
+def test_randn_is_float64_drawn_and_rounded() -> None:
+    import torch
+
+    from qbook.data import randn
+
+    torch.manual_seed(3)
+    a = randn(1000)
+    torch.manual_seed(3)
+    assert a.dtype == torch.float32 and torch.equal(a, torch.randn(1000, dtype=torch.float64).float())

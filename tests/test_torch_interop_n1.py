@@ -88,3 +88,20 @@ def test_a_power_of_two_scale_has_no_reciprocal_difference():
         s = torch.tensor(scale)
         assert torch.equal(x * (1 / s), x / s)
         assert torch.equal(torch_quantize(x, scale, 0), qbook.quantize(x, s, 0, QMIN, QMAX))
+
+
+def test_torch_quantize_per_tensor_is_torch_own_codes_without_warnings() -> None:
+    import warnings
+
+    from qbook.affine import torch_quantize_per_tensor
+
+    x = torch.linspace(-3, 3, 101)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes = torch_quantize_per_tensor(x, 0.05, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch.quantize_per_tensor(x, 0.05, 3, torch.qint8).int_repr()
+    assert torch.equal(codes, expected)
+    with pytest.raises(TypeError, match="floating-point"):
+        torch_quantize_per_tensor(torch.arange(3), 0.05, 3)
