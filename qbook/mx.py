@@ -249,7 +249,7 @@ def _to_codes(p: Tensor, element: Element) -> Tensor:
     if isinstance(element, IntElement):
         return (p * 2**element.fraction_bits).to(torch.int8)
     sign = torch.signbit(p).to(torch.uint8) << (element.total_bits - 1)
-    code = torch.searchsorted(_magnitudes(element), p.abs()).to(torch.uint8) | sign
+    code = torch.searchsorted(_magnitudes(element), p.abs().contiguous()).to(torch.uint8) | sign
     return code.view(element.torch_dtype) if element.total_bits == 8 else code
 
 
