@@ -106,6 +106,8 @@ def cublaslt_version() -> int | None:
 def provenance() -> dict:
     import triton
 
+    from qbook.kernels import int8_hopper
+
     props = torch.cuda.get_device_properties(0)
     digest = hashlib.sha256()
     for name in KERNEL_FILES:
@@ -120,6 +122,7 @@ def provenance() -> dict:
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "warp_specialized_tma_kernel": int8_hopper.WARP_SPECIALIZE,
         "cublaslt": cublaslt_version(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -32,7 +32,18 @@ import triton.language as tl
 from . import interpreting
 from .int8_triton import TUNING_KEY, TileConfig, _epilogue, _prune_for_m, interpreted
 
-__all__ = ["INTERPRETER_CONFIG", "hopper_configs", "launch_tma", "tma_compatible"]
+__all__ = ["INTERPRETER_CONFIG", "WARP_SPECIALIZE", "hopper_configs", "launch_tma", "tma_compatible"]
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+#: Whether the K loop is warp-specialised. Triton 3.9 compiles it for sm_90a; Triton 3.6 (PyTorch 2.11's)
+#: stops in its ``NVGPUWarpSpecialization`` pass on this kernel, so there the loop is software-pipelined by
+#: all warps alike (same result; the producer/consumer split is lost). Versions in between were not tried.
+WARP_SPECIALIZE = _triton_version() >= (3, 9)
 
 
 @triton.jit
@@ -101,9 +112,10 @@ def hopper_configs() -> tuple[TileConfig, ...]:
     >>> hopper_configs()[0]
     TileConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     """
+    wide = 4 if WARP_SPECIALIZE else 8  # unsplit, 4 warps would hold a 128 x 256 int32 tile and spill
     return (
-        TileConfig(128, 256, 128, num_warps=4, num_stages=3),
-        TileConfig(128, 256, 64, num_warps=4, num_stages=4),
+        TileConfig(128, 256, 128, num_warps=wide, num_stages=3),
+        TileConfig(128, 256, 64, num_warps=wide, num_stages=4),
         TileConfig(128, 128, 128, num_warps=4, num_stages=4),
         TileConfig(64, 128, 128, num_warps=4, num_stages=5),
     )
@@ -155,7 +167,8 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, args: tuple, o
     (M, K), N = a.shape, b.shape[1]
     w = b.T  # (N, K), row-major
     operands = (a, w, c, *args[:3], M, N, K, a.stride(0), w.stride(0), c.stride(0), *args[3:])
-    options = {"EPILOGUE": options["EPILOGUE"], "HAS_BIAS": options["HAS_BIAS"], "WARP_SPECIALIZE": True}
+    options = {"EPILOGUE": options["EPILOGUE"], "HAS_BIAS": options["HAS_BIAS"],
+               "WARP_SPECIALIZE": WARP_SPECIALIZE}
     if interpreting():
         grid = _grid(INTERPRETER_SMS, M, N)
         interpreted(_int8_matmul_tma_kernel)[grid](*operands, **options, **INTERPRETER_CONFIG.meta)

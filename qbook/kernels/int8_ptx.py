@@ -29,7 +29,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from .int8_decode import _int8_decode_kernel, decode_configs
-from .int8_hopper import _int8_matmul_tma_kernel, hopper_configs
+from .int8_hopper import WARP_SPECIALIZE, _int8_matmul_tma_kernel, hopper_configs
 from .int8_triton import TileConfig, _int8_matmul_kernel, int8_configs
 
 __all__ = ["ARCHS", "EPILOGUES", "KERNEL_NAMES", "compile_kernel", "configs", "ptx", "resource_usage"]
@@ -91,7 +91,8 @@ def compile_kernel(
         config = dataclasses.replace(config, BLOCK_M=8) if name == "decode" else config
     out_dtype = out_dtype or _DEFAULT_OUT[epilogue]
     fn = _compilable(_KERNELS[name])
-    flags = {"EPILOGUE": epilogue, "HAS_BIAS": True, "INDEX_64": False, "WARP_SPECIALIZE": True}
+    flags = {"EPILOGUE": epilogue, "HAS_BIAS": True, "INDEX_64": False,
+             "WARP_SPECIALIZE": WARP_SPECIALIZE}
     signature, constexprs = {}, {**flags, **config.meta}
     for arg in fn.arg_names:
         if arg in constexprs or arg in _UNIT_STRIDES:
