@@ -228,38 +228,67 @@ __all__ += ["DigitsCNN", "digits_accuracy", "train_digits_cnn"]
 
 
 class DigitsCNN(torch.nn.Module):
-    """A small CNN for 8 x 8 digits (:func:`qbook.data.digits`), 38,282 parameters — chapter 7.
+    """A small CNN for 8 x 8 digits (:func:`qbook.data.digits`), 38,282 parameters — chapters 7 and 8.
 
     ``conv1`` 1→16 (3×3, padding 1), ReLU, ``conv2`` 16→32 (3×3, padding 1), ReLU, 2×2 max-pool, flatten
     (32·4·4 = 512), ``fc1`` 512→64, ReLU, ``fc2`` 64→10 (logits). Input ``(B, 1, 8, 8)``.
+
+    With ``batchnorm=True`` (chapter 8's batch-norm folding) each convolution is followed by a
+    ``torch.nn.BatchNorm2d`` (``bn1``, ``bn2``) before its ReLU, and the convolutions have no bias (the
+    batch norm's shift takes its place): ``relu(bn1(conv1(x)))``, ``relu(bn2(conv2(x)))``; 38,330
+    parameters. The default model is unchanged by the option: same modules, same parameters, same
+    initialisation from the same seed.
+
+    >>> sum(p.numel() for p in DigitsCNN().parameters()), sum(p.numel() for p in DigitsCNN(True).parameters())
+    (38282, 38330)
+    >>> [name for name, _ in DigitsCNN(batchnorm=True).named_children()]
+    ['conv1', 'bn1', 'conv2', 'bn2', 'fc1', 'fc2']
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batchnorm: bool = False) -> None:
+        if not isinstance(batchnorm, bool):
+            raise TypeError(f"batchnorm must be a bool, got {batchnorm!r}")
         super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.batchnorm = batchnorm
+        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1, bias=not batchnorm)
+        if batchnorm:
+            self.bn1 = torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1, bias=not batchnorm)
+        if batchnorm:
+            self.bn2 = torch.nn.BatchNorm2d(32)
         self.fc1 = torch.nn.Linear(32 * 4 * 4, 64)
         self.fc2 = torch.nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)  # (B, 32, 4, 4)
+        x = self.conv1(x)
+        if self.batchnorm:
+            x = self.bn1(x)
+        x = self.conv2(torch.relu(x))
+        if self.batchnorm:
+            x = self.bn2(x)
+        x = torch.nn.functional.max_pool2d(torch.relu(x), 2)  # (B, 32, 4, 4)
         x = torch.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)  # (B, 10)
 
 
-def train_digits_cnn(seed: int = 0, epochs: int = 15, batch_size: int = 128, lr: float = 5e-3) -> DigitsCNN:
+def train_digits_cnn(
+    seed: int = 0, epochs: int = 15, batch_size: int = 128, lr: float = 5e-3, *, batchnorm: bool = False
+) -> DigitsCNN:
     """Train a :class:`DigitsCNN` on the ``"train"`` split of :func:`qbook.data.digits` (Adam, cross-entropy,
     ``epochs`` passes in mini-batches) and return it in eval mode; a few seconds on a CPU.
 
     Deterministic: the initialisation and the batch order come from ``seed`` (the caller's global random
     state is left as it was), and training runs on one thread (restored afterwards), so the weights do not
-    depend on the thread count. Test accuracy is about 98.8 %.
+    depend on the thread count. Test accuracy is about 98.8 %. ``batchnorm=True`` trains the batch-norm
+    variant ``DigitsCNN(batchnorm=True)`` the same way (its running statistics are those of training, as
+    ``torch.nn.BatchNorm2d`` keeps them; chapter 8).
     """
     for name, value in (("seed", seed), ("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
             kind = "non-negative" if name == "seed" else "positive"
             raise ValueError(f"{name} must be a {kind} int, got {value!r}")
+    if not isinstance(batchnorm, bool):
+        raise TypeError(f"batchnorm must be a bool, got {batchnorm!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     from qbook.data import digits
@@ -270,7 +299,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 15, batch_size: int = 128, lr:
         with torch.random.fork_rng(devices=[]):
             torch.set_num_threads(1)  # tiny matrices: one thread is faster, and the sums' order is fixed
             torch.manual_seed(seed)
-            model = DigitsCNN()
+            model = DigitsCNN(batchnorm)
             order = torch.Generator().manual_seed(seed)
             optimizer = torch.optim.Adam(model.parameters(), lr=lr)
             model.train()

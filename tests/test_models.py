@@ -197,3 +197,88 @@ def test_token_embeddings_bad_input(bad):
 
     with pytest.raises(ValueError, match="non-empty sequence of strings"):
         minilm_token_embeddings(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The digits CNN and its batch-norm variant (chapters 7 and 8)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_default_cnn_is_unchanged_by_the_batchnorm_option():
+    from qbook.models import DigitsCNN
+
+    torch.manual_seed(3)
+    plain = DigitsCNN()
+    torch.manual_seed(3)
+    explicit = DigitsCNN(batchnorm=False)
+    assert _same_state(plain, explicit)
+    assert [n for n, _ in plain.named_children()] == ["conv1", "conv2", "fc1", "fc2"]
+    assert sum(p.numel() for p in plain.parameters()) == 38_282
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+
+
+def _reference_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The batch-norm CNN written out with torch.nn.functional (eval mode: running statistics)."""
+    F = torch.nn.functional
+
+    def bn(y, m):
+        return F.batch_norm(y, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    y = F.relu(bn(F.conv2d(x, model.conv1.weight, padding=1), model.bn1))
+    y = F.max_pool2d(F.relu(bn(F.conv2d(y, model.conv2.weight, padding=1), model.bn2)), 2)
+    y = F.relu(F.linear(y.flatten(1), model.fc1.weight, model.fc1.bias))
+    return F.linear(y, model.fc2.weight, model.fc2.bias)
+
+
+def test_batchnorm_cnn_structure_and_forward():
+    from qbook.data import randn
+    from qbook.models import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN(batchnorm=True)
+    assert [n for n, _ in model.named_children()] == ["conv1", "bn1", "conv2", "bn2", "fc1", "fc2"]
+    assert model.conv1.bias is None and model.conv2.bias is None  # the batch norm's shift replaces them
+    assert (model.bn1.num_features, model.bn2.num_features) == (16, 32)
+    assert sum(p.numel() for p in model.parameters()) == 38_282 - 16 - 32 + 2 * (16 + 32)
+    with torch.no_grad():  # non-trivial statistics, so that a skipped batch norm would show
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.copy_(randn(bn.num_features))
+            bn.running_var.copy_(randn(bn.num_features).abs() + 0.5)
+            bn.weight.copy_(randn(bn.num_features))
+            bn.bias.copy_(randn(bn.num_features))
+    x = randn(5, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference_forward(model, x), rtol=1e-5, atol=1e-5)
+    assert model(x).shape == (5, 10)
+
+
+def test_batchnorm_cnn_trains_deterministically_and_well():
+    from qbook.data import digits
+    from qbook.models import digits_accuracy, train_digits_cnn
+
+    state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    a = train_digits_cnn(seed=0, epochs=4, batchnorm=True)
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
+    b = train_digits_cnn(seed=0, epochs=4, batchnorm=True)
+    assert _same_state(a, b)
+    assert not a.training and a.batchnorm
+    assert int(a.bn1.num_batches_tracked) == 4 * 9  # 1,097 training images in batches of 128: 9 per epoch
+    assert not torch.equal(a.bn1.running_var, torch.ones(16))  # statistics were recorded
+    assert digits_accuracy(a, *digits("test")) > 0.95
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_batchnorm_flag_must_be_bool(bad):
+    from qbook.models import DigitsCNN, train_digits_cnn
+
+    with pytest.raises(TypeError, match="batchnorm must be a bool"):
+        DigitsCNN(batchnorm=bad)
+    with pytest.raises(TypeError, match="batchnorm must be a bool"):
+        train_digits_cnn(epochs=1, batchnorm=bad)
