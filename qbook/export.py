@@ -1,0 +1,736 @@
+"""Export to ONNX (导出 ONNX): chapter 7's integer modules as ONNX operators — chapter 8.
+
+:func:`to_onnx` traces a model with ``torch.fx`` (qbook's quantized modules are leaves), writes one group of
+ONNX nodes per traced operation and returns (and optionally saves) the ``onnx.ModelProto``; :func:`run`
+executes it in onnxruntime or in ONNX's reference evaluator and returns a torch tensor.
+
+What each module becomes, and why:
+
+=========================================  ===================================================================
+qbook module                               ONNX nodes
+=========================================  ===================================================================
+:class:`~qbook.nn.QuantLinear` (static)    ``QuantizeLinear`` (3.1) → ``MatMulInteger`` (4.4) → ``Add`` int32
+                                           bias → ``Cast`` → ``Mul`` by ``float32(s_x s_w)``: (7.1)
+:class:`~qbook.nn.QuantConv2d` (static)    the same with ``ConvInteger`` (it pads with the zero point, as
+                                           qbook does)
+QuantLinear / QuantConv2d (dynamic)        per-token scale ``ReduceMax(Abs)`` → ``Div`` → ``Max(eps)``;
+                                           codes ``Round(Div)`` → ``Cast`` int8 → ``MatMulInteger`` → ``Cast``
+                                           → ``Mul`` → ``Mul`` → ``Add``: (7.2). A convolution is unfolded
+                                           (im2col, one ``Gather``) first, so every output position gets its
+                                           own scale, as in qbook
+:class:`~qbook.nn.WeightOnlyLinear`,       ``DequantizeLinear`` of the stored codes (block-wise, opset 21;
+:class:`~qbook.nn.WeightOnlyConv2d`        int4 codes stay int4) → float ``MatMul`` / ``Conv`` (QDQ)
+=========================================  ===================================================================
+
+plus the float operations of small networks: ``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``, ReLU,
+sigmoid, tanh, max pooling, flatten/reshape, ``+ - * /`` (:data:`SUPPORTED` lists them all).
+
+**Integer operators where they are exact.** ONNX defines ``QuantizeLinear`` as qbook's (3.1) (true division,
+round half to even, add the zero point, saturate); ``MatMulInteger`` and ``ConvInteger`` accumulate
+``(q_x - z_x) q_w`` in int32 exactly, as :func:`qbook.int_matmul` does. The float epilogue is written in
+qbook's order of operations (``Cast(acc + b_q) * acc_scale`` for static, ``((Cast(acc) * s_x) * s_w) + b``
+for dynamic), so onnxruntime reproduces qbook's outputs bit for bit — the tests check ``torch.equal``. Only
+the weight-only modules and float layers differ, by float rounding, because their matmuls sum in another
+order.
+
+**Graph optimizations off.** onnxruntime's optimizer fuses ``MatMulInteger → Cast → Mul`` into
+``MatMulIntegerToFloat`` (which multiplies by ``s_x s_w`` in another order) and QDQ groups into
+``QLinear*`` kernels (which requantize with their own rounding), so :func:`session_options` disables graph
+optimizations: the graph runs exactly as exported.
+
+Refused, with an error that names the module or operation: output="int8" layers (their fixed-point
+requantization (9.5) needs 64-bit shifts), grids whose codes do not fit int8/uint8, unsigned dynamic grids,
+models in training mode, and every operation outside :data:`SUPPORTED`.
+
+>>> import tempfile, torch
+>>> from qbook.nn import QuantLinear
+>>> torch.manual_seed(0) and None
+>>> layer = QuantLinear.from_float(torch.nn.Linear(4, 3), activation="static", input_qparams=(0.02, -3))
+>>> model = torch.nn.Sequential(layer, torch.nn.ReLU())
+>>> x = torch.randn(2, 4, dtype=torch.float64).float()
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     proto = to_onnx(model, x, f"{tmp}/model.onnx")
+...     y = run(f"{tmp}/model.onnx", x)
+>>> [node.op_type for node in proto.graph.node]
+['QuantizeLinear', 'MatMulInteger', 'Add', 'Cast', 'Mul', 'Relu']
+>>> torch.equal(y, model(x))
+True
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from qbook.affine import QuantSpec
+from qbook.nn import QuantConv2d, QuantLinear, WeightOnlyConv2d, WeightOnlyLinear
+
+__all__ = ["OPSET", "SUPPORTED", "run", "session_options", "to_onnx"]
+
+#: The ONNX opset :func:`to_onnx` writes by default: 21 is the first with block-wise ``DequantizeLinear``
+#: and int4 tensors (the weight-only modules); the integer operators exist since opset 10.
+OPSET = 21
+
+Runtime = Literal["onnxruntime", "reference"]
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("qbook.export needs the 'onnx' extra: pip install 'qbook[onnx]'") from e
+    return onnx
+
+
+# --------------------------------------------------------------------------------------------------------
+# The graph being written
+# --------------------------------------------------------------------------------------------------------
+
+_NP_TO_ONNX = {
+    np.dtype(np.float32): 1,  # TensorProto.FLOAT
+    np.dtype(np.uint8): 2,
+    np.dtype(np.int8): 3,
+    np.dtype(np.int32): 6,
+    np.dtype(np.int64): 7,
+}
+_FLOAT, _INT32, _INT64 = 1, 6, 7
+_INT4, _UINT4 = 22, 21  # TensorProto.INT4, TensorProto.UINT4
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A tensor of the ONNX graph: its name, and the shape and dtype the traced example gave it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _Graph:
+    """Collects nodes and initializers; names every tensor uniquely."""
+
+    def __init__(self, dynamic_batch: bool) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.dynamic_batch = dynamic_batch
+        self.scope = "graph"
+        self._used: Counter[str] = Counter()
+
+    def name(self, hint: str) -> str:
+        base = f"{self.scope}/{hint}"
+        self._used[base] += 1
+        n = self._used[base]
+        return base if n == 1 else f"{base}_{n}"
+
+    def const(self, value: Any, hint: str, onnx_type: int | None = None) -> str:
+        """An initializer from an array (its numpy dtype gives the ONNX type unless ``onnx_type``)."""
+        helper = _onnx().helper
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        name = self.name(hint)
+        if onnx_type in (_INT4, _UINT4):
+            tensor = helper.make_tensor(name, onnx_type, array.shape, array.astype(np.int64).ravel().tolist())
+        else:
+            if array.dtype not in _NP_TO_ONNX:
+                raise TypeError(f"cannot store a {array.dtype} constant in the ONNX graph ({hint})")
+            tensor = _onnx().numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.initializers.append(tensor)
+        return name
+
+    def op(self, op_type: str, *inputs: str, hint: str | None = None, **attrs: Any) -> str:
+        """Append one node with one output; return the output's name."""
+        out = self.name(hint or op_type)
+        self.nodes.append(_onnx().helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+
+def _ints(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(list(values), dtype=np.int64)
+
+
+def _reshape(g: _Graph, x: _Value, shape: Sequence[int]) -> str:
+    """Reshape to the traced output ``shape``; with a dynamic batch the leading dimension is copied (0)."""
+    target = list(shape)
+    if g.dynamic_batch:
+        if not (shape and x.shape and shape[0] == x.shape[0]):
+            raise ValueError(
+                f"a reshape from {x.shape} to {tuple(shape)} changes the batch dimension; export with "
+                "dynamic_batch=False to fix the batch size"
+            )
+        target[0] = 0  # ONNX Reshape: 0 copies the input's dimension
+    return g.op("Reshape", x.name, g.const(_ints(target), "shape"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The math cores: chapter 7's integer modules as ONNX nodes
+# --------------------------------------------------------------------------------------------------------
+
+
+def _storage(spec: QuantSpec, who: str) -> tuple[np.dtype, int, int]:
+    """The 8-bit type that holds the grid's codes, and its range."""
+    if spec.signed and spec.qmin >= -128 and spec.qmax <= 127:
+        return np.dtype(np.int8), -128, 127
+    if not spec.signed and spec.qmax <= 255:
+        return np.dtype(np.uint8), 0, 255
+    raise ValueError(f"{who}: ONNX integer operators take int8 or uint8 codes; the grid {spec} does not fit")
+
+
+def _quantize_linear(g: _Graph, x: str, scale: float, zero_point: int, spec: QuantSpec, who: str) -> str:
+    """(3.1) ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``: ``QuantizeLinear`` divides, rounds half
+    to even, adds the zero point and saturates to int8/uint8; a ``Clip`` narrows to ``[qmin, qmax]`` when the
+    grid is narrower (narrow range, fewer than 8 bits)."""
+    dtype, lo, hi = _storage(spec, who)
+    q = g.op("QuantizeLinear", x, g.const(np.float32(scale), "scale"), g.const(dtype.type(zero_point), "zp"))
+    if (spec.qmin, spec.qmax) != (lo, hi):
+        q = g.op("Clip", q, g.const(dtype.type(spec.qmin), "qmin"), g.const(dtype.type(spec.qmax), "qmax"))
+    return q
+
+
+def _static_epilogue(g: _Graph, acc: str, module: QuantLinear | QuantConv2d, shape: tuple[int, ...]) -> str:
+    """(7.1) after the accumulation: ``y = float32(acc + b_q) * float32(s_x s_w)``, the int32 bias added
+    before the one float multiplication (``module.acc_scale``), as qbook does. ``shape`` puts the output
+    channels where the accumulator has them."""
+    if module.bias is not None:
+        acc = g.op("Add", acc, g.const(module.bias.reshape(shape), "bias_q"))  # int32 + int32
+    y = g.op("Cast", acc, to=_FLOAT)
+    return g.op("Mul", y, g.const(module.acc_scale.reshape(shape), "acc_scale"))
+
+
+def _static_linear(g: _Graph, x: str, module: QuantLinear, who: str) -> str:
+    """(7.1): ``QuantizeLinear`` → ``MatMulInteger`` (int32 ``sum_k (q_x - z_x) q_w``) → epilogue."""
+    s_x, z_x = float(module.input_scale), int(module.input_zero_point)
+    q = _quantize_linear(g, x, s_x, z_x, module.act_spec, who)
+    dtype = _storage(module.act_spec, who)[0]
+    weight_t = module.weight.t().contiguous()  # (K, N) int8
+    acc = g.op("MatMulInteger", q, g.const(weight_t, "weight_t"), g.const(dtype.type(z_x), "zp"))
+    return _static_epilogue(g, acc, module, (-1,))
+
+
+def _static_conv(g: _Graph, x: str, module: QuantConv2d, who: str) -> str:
+    """(7.1) for a convolution: ``ConvInteger`` subtracts the input zero point and pads with it (the code of
+    0.0), exactly qbook's im2col + integer matmul."""
+    s_x, z_x = float(module.input_scale), int(module.input_zero_point)
+    q = _quantize_linear(g, x, s_x, z_x, module.act_spec, who)
+    dtype = _storage(module.act_spec, who)[0]
+    ph, pw = module.padding
+    acc = g.op(
+        "ConvInteger",
+        q,
+        g.const(module.weight, "weight"),  # (O, C, kh, kw) int8
+        g.const(dtype.type(z_x), "zp"),
+        kernel_shape=list(module.kernel_size),
+        strides=list(module.stride),
+        pads=[ph, pw, ph, pw],
+        dilations=list(module.dilation),
+    )  # (B, O, Ho, Wo) int32
+    return _static_epilogue(g, acc, module, (-1, 1, 1))
+
+
+def _per_token(g: _Graph, rows: str, spec: QuantSpec) -> tuple[str, str]:
+    """(7.2)'s run-time step on the last axis: ``s = max(max_k |x_k| / ((qmax - qmin) / 2), eps)``,
+    ``q = int8(round(x / s))`` (clamped to ``[qmin, qmax]`` unless the grid is narrow, as in qbook)."""
+    amax = g.op("ReduceMax", g.op("Abs", rows), g.const(_ints([-1]), "axes"), keepdims=1)  # (..., 1)
+    half_range = np.float32((spec.qmax - spec.qmin) / 2)
+    scale = g.op("Div", amax, g.const(half_range, "half_range"))
+    scale = g.op("Max", scale, g.const(np.float32(np.finfo(np.float32).eps), "eps"))  # (..., 1)
+    codes = g.op("Round", g.op("Div", rows, scale))  # true division, round half to even
+    if spec.qmin != -spec.qmax:
+        codes = g.op(
+            "Clip", codes, g.const(np.float32(spec.qmin), "qmin"), g.const(np.float32(spec.qmax), "qmax")
+        )
+    return g.op("Cast", codes, to=3), scale  # int8 codes: exact, |codes| <= 127
+
+
+def _dynamic_matmul(g: _Graph, rows: str, module: QuantLinear | QuantConv2d) -> str:
+    """(7.2): ``y = ((float32(acc) * s_x) * s_w) + b`` with ``acc = MatMulInteger(q_x, q_w^T)`` — the order of
+    qbook's epilogue."""
+    q, a_scale = _per_token(g, rows, module.act_spec)
+    weight_t = module.weight.reshape(module.out_features, -1).t().contiguous()  # (K, N) int8
+    acc = g.op("MatMulInteger", q, g.const(weight_t, "weight_t"))  # (..., N) int32
+    y = g.op("Mul", g.op("Cast", acc, to=_FLOAT), a_scale)
+    y = g.op("Mul", y, g.const(module.weight_scale, "weight_scale"))
+    return y if module.bias is None else g.op("Add", y, g.const(module.bias, "bias"))
+
+
+def _im2col_indices(h: int, w: int, module: QuantConv2d) -> np.ndarray:
+    """For the padded image flattened to ``Hp * Wp`` pixels: the pixel index of kernel tap ``(i, j)`` at
+    output position ``(oh, ow)``, shape ``(L, kh * kw)`` — what ``F.unfold`` gathers."""
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    pw = module.padding[1]
+    ho, wo = module._out_size(h, w)
+    oh, ow = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")  # (Ho, Wo)
+    i, j = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")  # (kh, kw)
+    rows = oh.reshape(-1, 1) * sh + i.reshape(1, -1) * dh  # (L, kh * kw)
+    cols = ow.reshape(-1, 1) * sw + j.reshape(1, -1) * dw
+    return rows * (w + 2 * pw) + cols
+
+
+def _dynamic_conv(g: _Graph, x: _Value, module: QuantConv2d, out_shape: tuple[int, ...]) -> str:
+    """(7.2) for a convolution, one scale per output position: im2col as a ``Gather`` of the padded image,
+    then :func:`_dynamic_matmul` on the rows ``(B, L, C kh kw)``."""
+    _, c, h, w = x.shape
+    ph, pw = module.padding
+    index = _im2col_indices(h, w, module)  # (L, kh * kw)
+    padded = g.op("Pad", x.name, g.const(_ints([0, 0, ph, pw, 0, 0, ph, pw]), "pads"))
+    flat = g.op("Reshape", padded, g.const(_ints([-1, c, (h + 2 * ph) * (w + 2 * pw)]), "shape"))
+    cols = g.op("Gather", flat, g.const(index, "im2col"), axis=2)  # (B, C, L, kh * kw)
+    cols = g.op("Transpose", cols, perm=[0, 2, 1, 3])  # (B, L, C, kh * kw)
+    rows = g.op("Reshape", cols, g.const(_ints([0, index.shape[0], -1]), "shape"))  # (B, L, K)
+    y = _dynamic_matmul(g, rows, module)  # (B, L, O)
+    y = g.op("Transpose", y, perm=[0, 2, 1])  # (B, O, L)
+    return g.op("Reshape", y, g.const(_ints([-1, *out_shape[1:]]), "shape"))  # (B, O, Ho, Wo)
+
+
+def _dequantized_weight(g: _Graph, module: WeightOnlyLinear | WeightOnlyConv2d) -> str:
+    """``s_w (q_w - z_w)`` (3.2) as one ``DequantizeLinear`` with block quantization (opset 21): codes
+    ``(N, Kp)`` (int4 stays int4), scales ``(N, Kp / g)``; a ``Slice`` drops the zero codes that pad ``K``."""
+    spec, k, kp = module.spec, module.in_features, module.padded_features
+    codes = module.codes() if kp == k else _padded_codes(module)  # (N, Kp)
+    if module.bits == 4:
+        onnx_type = _INT4 if spec.signed else _UINT4
+        dtype = np.dtype(np.int8 if spec.signed else np.uint8)
+    else:
+        dtype = _storage(spec, type(module).__name__)[0]
+        onnx_type = _NP_TO_ONNX[dtype]
+    inputs = [
+        g.const(codes.numpy().astype(dtype), "weight", onnx_type),
+        g.const(module.weight_scale, "scale"),
+    ]
+    if module.weight_zero_point is not None:
+        inputs.append(g.const(module.weight_zero_point.numpy().astype(dtype), "zp", onnx_type))
+    w = g.op("DequantizeLinear", *inputs, axis=1, block_size=kp // module.weight_scale.shape[1])  # (N, Kp)
+    if kp != k:
+        w = g.op(
+            "Slice",
+            w,
+            g.const(_ints([0]), "starts"),
+            g.const(_ints([k]), "ends"),
+            g.const(_ints([1]), "axes"),
+        )
+    return w  # (N, K) float32
+
+
+def _padded_codes(module: WeightOnlyLinear | WeightOnlyConv2d) -> torch.Tensor:
+    from qbook.packing import unpack
+
+    if module.bits == 8:
+        return module.weight
+    return unpack(module.weight, module.bits, module.padded_features, signed=module.spec.signed)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Float operations
+# --------------------------------------------------------------------------------------------------------
+
+
+def _linear(g: _Graph, x: str, weight_t: str, bias: torch.Tensor | None) -> str:
+    y = g.op("MatMul", x, weight_t)
+    return y if bias is None else g.op("Add", y, g.const(bias.detach().float(), "bias"))
+
+
+def _conv(g: _Graph, x: str, weight: str, bias: torch.Tensor | None, geometry: Any) -> str:
+    (ph, pw), inputs = geometry.padding, [x, weight]
+    if bias is not None:
+        inputs.append(g.const(bias.detach().float(), "bias"))
+    return g.op(
+        "Conv",
+        *inputs,
+        kernel_shape=list(geometry.kernel_size),
+        strides=list(geometry.stride),
+        pads=[ph, pw, ph, pw],
+        dilations=list(geometry.dilation),
+    )
+
+
+def _max_pool(
+    g: _Graph,
+    x: str,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    dilation: Any = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> str:
+    from qbook.nn import _pair
+
+    if return_indices:
+        raise ValueError("max_pool2d(return_indices=True) is not exported: ONNX returns other indices")
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None or stride == [] else _pair(stride, "stride")
+    p, d = _pair(padding, "padding"), _pair(dilation, "dilation")
+    return g.op(
+        "MaxPool",
+        x,
+        kernel_shape=list(k),
+        strides=list(s),
+        pads=[p[0], p[1], p[0], p[1]],
+        dilations=list(d),
+        ceil_mode=int(bool(ceil_mode)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tracing and dispatch
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Tracer(fx.Tracer):
+    """qbook's modules (and anything else from qbook) are leaves: they are exported whole or refused whole."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("qbook.") or super().is_leaf_module(m, qualname)
+
+
+def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: str) -> str:
+    if isinstance(module, (QuantLinear, QuantConv2d)):
+        if module.output != "float":
+            raise ValueError(
+                f"{who} ({module!r}) has output='int8'; its fixed-point requantization (9.5) is not exported "
+                "(export layers with float outputs, as qbook.ptq.convert makes them)"
+            )
+        conv = isinstance(module, QuantConv2d)
+        if x.dtype != torch.float32:
+            raise TypeError(f"{who} takes float32 inputs in an exported graph, got {x.dtype}")
+        if module.activation == "static":
+            return _static_conv(g, x.name, module, who) if conv else _static_linear(g, x.name, module, who)
+        if not module.act_spec.signed:
+            raise ValueError(
+                f"{who}: dynamic activations on an unsigned grid ({module.act_spec}) are not exported"
+            )
+        return _dynamic_conv(g, x, module, out.shape) if conv else _dynamic_matmul(g, x.name, module)
+    if isinstance(module, WeightOnlyConv2d):
+        w = _dequantized_weight(g, module)
+        w = g.op(
+            "Reshape",
+            w,
+            g.const(_ints([module.out_channels, module.in_channels, *module.kernel_size]), "shape"),
+        )
+        return _conv(g, x.name, w, module.bias, module)
+    if isinstance(module, WeightOnlyLinear):
+        w_t = g.op("Transpose", _dequantized_weight(g, module), perm=[1, 0])  # (K, N)
+        return _linear(g, x.name, w_t, module.bias)
+    if type(module) is nn.Linear:
+        return _linear(
+            g, x.name, g.const(module.weight.detach().float().t().contiguous(), "weight_t"), module.bias
+        )
+    if type(module) is nn.Conv2d:
+        _check_conv(module, who)
+        return _conv(
+            g, x.name, g.const(module.weight.detach().float(), "weight"), module.bias, _Geometry.of(module)
+        )
+    if type(module) in (nn.BatchNorm2d, nn.Dropout) and module.training:
+        raise ValueError(f"{who} ({type(module).__name__}) is in training mode; call model.eval() first")
+    if type(module) is nn.BatchNorm2d:
+        if module.running_mean is None:
+            raise ValueError(f"{who}: BatchNorm2d without running statistics is not exported")
+        weight = module.weight if module.affine else torch.ones_like(module.running_mean)
+        bias = module.bias if module.affine else torch.zeros_like(module.running_mean)
+        tensors = (weight, bias, module.running_mean, module.running_var)
+        names = [
+            g.const(t.detach().float(), n)
+            for t, n in zip(tensors, ("gamma", "beta", "mean", "var"), strict=True)
+        ]
+        return g.op("BatchNormalization", x.name, *names, epsilon=float(module.eps))
+    if type(module) is nn.MaxPool2d:
+        return _max_pool(
+            g,
+            x.name,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.ceil_mode,
+            module.return_indices,
+        )
+    if type(module) is nn.Flatten:
+        return _reshape(g, x, out.shape)
+    if type(module) in (nn.Identity, nn.Dropout):
+        return g.op("Identity", x.name)
+    if type(module) in _ACTIVATIONS:
+        return g.op(_ACTIVATIONS[type(module)], x.name)
+    hint = ""
+    if type(module).__module__.startswith("qbook."):
+        hint = (
+            " (a prepared or QAT model: convert it to integer modules first, with qbook.ptq.convert or "
+            "qbook.qat.convert)"
+        )
+    raise NotImplementedError(
+        f"{who}: {type(module).__module__}.{type(module).__name__} is not supported by qbook.export{hint}; "
+        f"supported modules: {', '.join(sorted(SUPPORTED['modules']))}"
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> _Geometry:
+        return cls(*(tuple(getattr(conv, a)) for a in ("kernel_size", "stride", "padding", "dilation")))
+
+
+def _check_conv(conv: nn.Conv2d, who: str) -> None:
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise NotImplementedError(
+            f"{who}: only Conv2d with groups=1, numeric zero padding is exported, got groups={conv.groups}, "
+            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+        )
+
+
+_ACTIVATIONS: dict[Any, str] = {nn.ReLU: "Relu", nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh"}
+
+_UNARY: dict[Any, str] = {
+    target: op
+    for op, name in (("Relu", "relu"), ("Sigmoid", "sigmoid"), ("Tanh", "tanh"))
+    for target in (getattr(torch, name), getattr(F, name), name)
+}
+_BINARY: dict[Any, str] = {
+    target: op
+    for op, name, python in (
+        ("Add", "add", "add"),
+        ("Sub", "sub", "sub"),
+        ("Mul", "mul", "mul"),
+        ("Div", "div", "truediv"),
+    )
+    for target in (getattr(operator, python), getattr(torch, name), name)
+}
+_RESHAPES = (torch.flatten, torch.reshape, "flatten", "reshape", "view")
+_MAXPOOL = (F.max_pool2d, torch.max_pool2d)
+
+
+def _name_of(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+#: What :func:`to_onnx` exports: module classes and functions/methods by name.
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "modules": (
+        *(
+            f"qbook.nn.{name}"
+            for name in ("QuantLinear", "QuantConv2d", "WeightOnlyLinear", "WeightOnlyConv2d")
+        ),
+        *(f"nn.{name}" for name in "Linear Conv2d BatchNorm2d MaxPool2d Flatten Identity Dropout".split()),
+        *(f"nn.{name}" for name in "ReLU Sigmoid Tanh".split()),
+    ),
+    "functions": tuple("relu sigmoid tanh add sub mul div max_pool2d flatten reshape view".split()),
+}
+
+
+def _function_handler(g: _Graph, node: fx.Node, args: list[Any], kwargs: dict[str, Any], out: _Value) -> str:
+    target, who = node.target, f"{node.op} {_name_of(node.target)!r} (node {node.name})"
+    key = target if isinstance(target, str) else target
+    if key in _UNARY and len(args) == 1 and not kwargs:
+        return g.op(_UNARY[key], _tensor(args[0], who).name)
+    if key in _BINARY and len(args) == 2 and not kwargs:
+        a, b = (_operand(g, v, who) for v in args)
+        return g.op(_BINARY[key], a, b)
+    if key in _RESHAPES:
+        return _reshape(g, _tensor(args[0], who), out.shape)
+    if key in _MAXPOOL:
+        params = (
+            inspect.signature(_max_pool).bind(g, _tensor(args[0], who).name, *args[1:], **kwargs).arguments
+        )
+        return _max_pool(**params)
+    raise NotImplementedError(
+        f"{who} is not supported by qbook.export (or not with these arguments: {len(args)} positional, "
+        f"keywords {sorted(kwargs)}); supported functions and methods: {', '.join(SUPPORTED['functions'])}"
+    )
+
+
+def _tensor(value: Any, who: str) -> _Value:
+    if not isinstance(value, _Value):
+        raise NotImplementedError(f"{who}: expected a tensor argument, got {value!r}")
+    return value
+
+
+def _operand(g: _Graph, value: Any, who: str) -> str:
+    if isinstance(value, _Value):
+        if value.dtype != torch.float32:
+            raise TypeError(f"{who}: exported arithmetic is float32, got a {value.dtype} tensor")
+        return value.name
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return g.const(np.float32(value), "scalar")
+    raise NotImplementedError(f"{who}: operands must be tensors or numbers, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------
+
+
+def to_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike | None = None,
+    *,
+    opset: int = OPSET,
+    check: bool = True,
+    dynamic_batch: bool = True,
+) -> Any:
+    """Export ``model`` (float32 input ``(B, ...)``, one float32 output) as an ``onnx.ModelProto`` — ch. 8.
+
+    The model is traced with ``torch.fx`` on ``example_input`` (qbook's modules are leaves); each operation
+    becomes the nodes of the module docstring's table. ``path`` (optional) is where the model is saved;
+    ``opset`` ≥ 21; ``check`` runs ``onnx.checker.check_model`` (with full shape inference);
+    ``dynamic_batch`` names the first dimension ``"batch"`` so any batch size runs (shapes other than the
+    batch are fixed by ``example_input``). Dropout and batch norm are exported as in eval mode, and refused
+    while they are in training mode. An operation outside
+    :data:`SUPPORTED` raises ``NotImplementedError`` naming it.
+    """
+    onnx = _onnx()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
+        raise TypeError(f"example_input must be a float32 tensor, got {example_input!r:.60}")
+    if example_input.ndim == 0:
+        raise ValueError("example_input must have a batch dimension, got a 0-d tensor")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str, an os.PathLike or None, got {path!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 21:
+        raise ValueError(f"opset must be an int >= 21 (block-wise DequantizeLinear, int4), got {opset!r}")
+    for name, flag in (("check", check), ("dynamic_batch", dynamic_batch)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    proto = _export(model, example_input, opset, dynamic_batch)
+    if check:
+        onnx.checker.check_model(proto, full_check=True)
+    if path is not None:
+        onnx.save(proto, os.fspath(path))
+    return proto
+
+
+def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> Any:
+    onnx = _onnx()
+    helper = onnx.helper
+    try:
+        graph_module = fx.GraphModule(model, _Tracer().trace(model))
+    except Exception as e:  # fx cannot trace data-dependent Python control flow
+        raise NotImplementedError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(example)
+    g = _Graph(dynamic_batch)
+    values: dict[str, _Value] = {}
+    inputs, outputs = [], []
+    modules = dict(graph_module.named_modules())
+
+    def value_of(node: fx.Node) -> _Value:
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise NotImplementedError(
+                f"node {node.name} ({_name_of(node.target)}) does not produce one tensor; qbook.export takes "
+                "models whose operations map tensors to tensors (no x.shape / x.size() arithmetic)"
+            )
+        return _Value(node.name, tuple(meta.shape), meta.dtype)
+
+    def dims(shape: tuple[int, ...]) -> list[Any]:
+        return ["batch", *shape[1:]] if dynamic_batch else list(shape)
+
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            if inputs:
+                raise NotImplementedError("qbook.export takes models with one tensor input")
+            v = value_of(node)
+            values[node.name] = _Value("input", v.shape, v.dtype)
+            inputs.append(helper.make_tensor_value_info("input", _FLOAT, dims(v.shape)))
+            continue
+        if node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, fx.Node):
+                raise NotImplementedError("qbook.export takes models with one tensor output")
+            v = values[result.name]
+            if v.dtype != torch.float32:
+                raise NotImplementedError(f"the model's output must be float32, got {v.dtype}")
+            if any(v.name in n.output for n in g.nodes):  # name the last node's result "output"
+                for n in g.nodes:
+                    n.input[:] = ["output" if i == v.name else i for i in n.input]
+                    n.output[:] = ["output" if o == v.name else o for o in n.output]
+            else:  # the input itself (an empty model)
+                g.nodes.append(helper.make_node("Identity", [v.name], ["output"], name="output"))
+            outputs.append(helper.make_tensor_value_info("output", _FLOAT, dims(v.shape)))
+            continue
+        if node.op == "get_attr":
+            raise NotImplementedError(
+                f"node {node.name} reads the tensor attribute {node.target!r} directly; qbook.export takes "
+                "parameters inside modules only"
+            )
+        out = value_of(node)
+        args = [values[a.name] if isinstance(a, fx.Node) else a for a in node.args]
+        kwargs = {k: values[a.name] if isinstance(a, fx.Node) else a for k, a in node.kwargs.items()}
+        if any(isinstance(a, (list, tuple)) and any(isinstance(b, fx.Node) for b in a) for a in node.args):
+            raise NotImplementedError(f"node {node.name}: lists of tensors are not exported")
+        g.scope = node.name
+        if node.op == "call_module":
+            who = f"module {node.target!r}"
+            if len(args) != 1 or kwargs:
+                raise NotImplementedError(f"{who} is called with more than one tensor")
+            name = _module_handler(g, modules[node.target], _tensor(args[0], who), out, who)
+        else:
+            name = _function_handler(g, node, args, kwargs, out)
+        values[node.name] = _Value(name, out.shape, out.dtype)
+    graph = helper.make_graph(g.nodes, type(model).__name__, inputs, outputs, g.initializers)
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qbook.export"
+    )
+    proto.ir_version = min(proto.ir_version, 10)  # readable by onnxruntime
+    return proto
+
+
+def session_options() -> Any:
+    """The onnxruntime ``SessionOptions`` :func:`run` uses: graph optimizations disabled (so no fusion
+    changes the order of the float epilogue), one thread (sums in a fixed order)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def run(model: Any, x: torch.Tensor, *, runtime: Runtime = "onnxruntime") -> torch.Tensor:
+    """Run an exported model (a ``ModelProto`` or a path) on ``x`` and return the output as a torch tensor.
+
+    ``runtime="onnxruntime"``: an ``InferenceSession`` on the ``CPUExecutionProvider`` with
+    :func:`session_options`; ``"reference"``: ``onnx.reference.ReferenceEvaluator`` (ONNX's executable
+    specification in numpy: slow, independent of onnxruntime).
+    """
+    onnx = _onnx()
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"no ONNX model at {os.fspath(model)!r}")
+        model = onnx.load(os.fspath(model))
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"x must be a float32 tensor, got {x!r:.60}")
+    feeds = {model.graph.input[0].name: x.detach().cpu().contiguous().numpy()}
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(
+            model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+        )
+        (y,) = session.run(None, feeds)
+    elif runtime == "reference":
+        from onnx.reference import ReferenceEvaluator
+
+        (y,) = ReferenceEvaluator(model).run(None, feeds)
+    else:
+        raise ValueError(f"runtime must be 'onnxruntime' or 'reference', got {runtime!r}")
+    return torch.from_numpy(np.asarray(y))
