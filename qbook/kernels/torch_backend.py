@@ -97,6 +97,10 @@ def int8_matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue) -> t
     if a.is_cpu and int_mm_cpu_allowed(K):
         acc = torch._int_mm(_blas_layout(a), _blas_layout(b))
     elif int_mm_allowed(M, N, K, a.device) and K <= _K_MAX:
+        # cuBLASLt's int8 GEMM takes only the "TN" layout: A row-major, B column-major (B = W.T of a
+        # row-major weight); anything else is refused with CUBLAS_STATUS_NOT_SUPPORTED, so copy into it.
+        a = a if a.stride(1) == 1 and a.stride(0) == K else a.contiguous()
+        b = b if b.stride(0) == 1 and b.stride(1) == K else b.T.contiguous().T
         acc = torch._int_mm(a, b)
     else:
         acc = exact_int8_matmul(a, b)
