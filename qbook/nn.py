@@ -183,12 +183,19 @@ def _check_finite_scale(scale: torch.Tensor, x: torch.Tensor, where: str = "") -
         )
 
 
-def _quantize_weight(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offline, per output channel (rows of ``w`` (N, K)), symmetric: ``(q_w int8 (N, K), s_w (N,))``."""
+def _quantize_weight(
+    w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offline, per output channel (rows of ``w`` (N, K)), symmetric: ``(q_w int8 (N, K), s_w (N,))``.
+
+    ``scale`` (N,): given per-channel scales (e.g. the ones a QAT model trained with) instead of the rows'
+    absolute maxima."""
     granularity = PerChannel(0)
-    scale, zero_point = calc_qparams(*minmax(w, granularity), spec.qmin, spec.qmax, symmetric=True)  # (N, 1)
-    q = quantize(w, scale, zero_point, spec.qmin, spec.qmax, granularity=granularity)
-    return q, scale.reshape(-1)
+    if scale is None:
+        scale, _ = calc_qparams(*minmax(w, granularity), spec.qmin, spec.qmax, symmetric=True)  # (N, 1)
+    scale = scale.reshape(-1, 1)  # (N, 1)
+    q = quantize(w, scale, 0, spec.qmin, spec.qmax, granularity=granularity)
+    return q.to(torch.int8), scale.reshape(-1)
 
 
 def _dequantize_epilogue(
@@ -285,6 +292,28 @@ class QuantModule(nn.Module, ABC):
         """Recompute the run-time constants (non-persistent buffers) from the stored ones."""
 
 
+#: Bit widths of the integer modules' grids. Codes of 2..8 bits are stored as int8 (uint8 for an unsigned
+#: activation grid); the accumulation is the same exact int32 :func:`qbook.int_matmul`, whose bound
+#: ``K (qmax_x - qmin_x) max|q_w| <= K * 255 * 128 < 2^31`` holds for ``K <= 65 793`` at 8 bits (and for
+#: larger ``K`` at fewer bits); beyond it ``int_matmul`` raises ``OverflowError`` rather than wrap around.
+_INTEGER_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _check_weight_scale(scale: object, out_features: int) -> torch.Tensor:
+    """Given per-output-channel weight scales: ``out_features`` positive finite numbers, as float32 (N,)."""
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        raise TypeError(f"weight_scale must be a floating-point tensor (N,), got {scale!r:.60}")
+    if scale.numel() != out_features:
+        raise ValueError(
+            f"weight_scale must hold one scale per output channel ({out_features}), got shape "
+            f"{tuple(scale.shape)}"
+        )
+    scale = scale.detach().float().reshape(-1)
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError(f"weight_scale must be positive and finite, got {scale.tolist()!r:.80}")
+    return scale
+
+
 class _IntegerMatmul(QuantModule):
     """What :class:`QuantLinear` and :class:`QuantConv2d` share: weight, scales, bias and the epilogues."""
 
@@ -301,14 +330,14 @@ class _IntegerMatmul(QuantModule):
         super().__init__()
         _check_choice(activation, "activation", ("dynamic", "static"))
         _check_choice(output, "output", ("float", "int8"))
-        weight_spec = _check_spec(weight_spec, "weight_spec")
+        weight_spec = _check_spec(weight_spec, "weight_spec", _INTEGER_BITS)
         if not weight_spec.symmetric or not weight_spec.signed:
             raise ValueError(
                 f"the weight grid must be signed and symmetric (zero point 0), got {weight_spec}"
             )
         if act_spec is None:
             act_spec = INT8_SYMMETRIC if activation == "dynamic" else INT8
-        act_spec = _check_spec(act_spec, "act_spec")
+        act_spec = _check_spec(act_spec, "act_spec", _INTEGER_BITS)
         if activation == "dynamic" and not act_spec.symmetric:
             raise ValueError(f"dynamic activations are quantized symmetrically per token, got {act_spec}")
         if output == "int8" and activation == "dynamic":
@@ -343,10 +372,17 @@ class _IntegerMatmul(QuantModule):
             )
 
     def _set_from_float(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, input_qparams: Any, output_qparams: Any
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        input_qparams: Any,
+        output_qparams: Any,
+        weight_scale: torch.Tensor | None = None,
     ) -> None:
+        if weight_scale is not None:
+            weight_scale = _check_weight_scale(weight_scale, self.out_features).to(weight.device)
         q, w_scale = _quantize_weight(
-            weight.detach().float().reshape(self.out_features, -1), self.weight_spec
+            weight.detach().float().reshape(self.out_features, -1), self.weight_spec, weight_scale
         )
         self.weight.copy_(q.reshape(self.weight.shape))
         self.weight_scale.copy_(w_scale)
@@ -389,11 +425,11 @@ class _IntegerMatmul(QuantModule):
 
     @property
     def scheme(self) -> str:
-        weights = f"W8 per-channel {_spec_name(self.weight_spec)}"
+        weights = f"W{self.weight_spec.bits} per-channel {_spec_name(self.weight_spec)}"
         if self.activation == "dynamic":
-            acts = f"A8 per-{self._token} dyn"
+            acts = f"A{self.act_spec.bits} per-{self._token} dyn"
         else:
-            acts = f"A8 per-tensor static {_spec_name(self.act_spec)}"
+            acts = f"A{self.act_spec.bits} per-tensor static {_spec_name(self.act_spec)}"
         return f"{weights}, {acts}" + (", out int8" if self.output == "int8" else "")
 
     _token = "token"
@@ -466,6 +502,9 @@ class QuantLinear(_IntegerMatmul):
     int8 codes of the output on the grid ``(output_scale, output_zero_point)``. Static layers also accept
     integer codes (``act_spec.dtype``) already on their input grid (e.g. the int8 output of the layer before).
 
+    Grids of 2..8 bits (``weight_spec``, ``act_spec``; e.g. W4A4 from :func:`qbook.qat.convert`) store their
+    codes in int8 (uint8 for unsigned activations) and accumulate exactly as the 8-bit ones do.
+
     Build one with :meth:`from_float`.
     """
 
@@ -494,13 +533,15 @@ class QuantLinear(_IntegerMatmul):
         output: Output = "float",
         output_qparams: tuple[Any, Any] | None = None,
         weight_spec: QuantSpec = INT8_SYMMETRIC,
+        weight_scale: torch.Tensor | None = None,
     ) -> QuantLinear:
         """Quantize ``linear``: the weight per output channel (symmetric, ``weight_spec``), the bias as in
         (7.1) or (7.2).
 
         ``activation="static"`` needs ``input_qparams=(scale, zero_point)`` of the input grid ``act_spec``
         (default int8 affine), e.g. ``observer.qparams()`` after calibration; ``output="int8"`` needs
-        ``output_qparams``. The float module is not modified.
+        ``output_qparams``. ``weight_scale`` (N,): use these per-channel weight scales (e.g. a QAT model's,
+        :func:`qbook.qat.convert`) instead of the rows' absolute maxima. The float module is not modified.
         """
         _check_float_module(linear, nn.Linear, cls.__name__)
         module = cls(
@@ -512,7 +553,7 @@ class QuantLinear(_IntegerMatmul):
             output=output,
             weight_spec=weight_spec,
         ).to(linear.weight.device)
-        module._set_from_float(linear.weight, linear.bias, input_qparams, output_qparams)
+        module._set_from_float(linear.weight, linear.bias, input_qparams, output_qparams, weight_scale)
         return module
 
     @property
@@ -658,6 +699,7 @@ class QuantConv2d(_ConvGeometry, _IntegerMatmul):
         output: Output = "float",
         output_qparams: tuple[Any, Any] | None = None,
         weight_spec: QuantSpec = INT8_SYMMETRIC,
+        weight_scale: torch.Tensor | None = None,
     ) -> QuantConv2d:
         """Quantize ``conv`` as :meth:`QuantLinear.from_float` does (weight per output channel)."""
         module = cls(
@@ -667,7 +709,7 @@ class QuantConv2d(_ConvGeometry, _IntegerMatmul):
             output=output,
             weight_spec=weight_spec,
         ).to(conv.weight.device)
-        module._set_from_float(conv.weight, conv.bias, input_qparams, output_qparams)
+        module._set_from_float(conv.weight, conv.bias, input_qparams, output_qparams, weight_scale)
         return module
 
     @property
@@ -781,6 +823,45 @@ class _WeightOnly(QuantModule):
         if bias is not None:
             self.bias.copy_(bias.detach().float())
 
+    def _set_codes(
+        self, codes: object, scale: object, zero_point: object, bias: torch.Tensor | None, who: str
+    ) -> None:
+        """Store given codes ``(N, K)`` with their ``scale``/``zero_point`` ``(N, groups)``; ``K`` is padded with
+        the zero point (the code of 0), as :meth:`_set_from_float` pads it."""
+        spec, N, K = self.spec, self.out_features, self.in_features
+        groups = self.weight_scale.shape[1]
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise TypeError(f"{who}: codes must be an integer tensor ({N}, {K}), got {codes!r:.60}")
+        if tuple(codes.shape) != (N, K):
+            raise ValueError(f"{who}: codes must have shape ({N}, {K}), got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
+            raise ValueError(
+                f"{who}: codes must lie in [{spec.qmin}, {spec.qmax}], got [{int(codes.min())}, {int(codes.max())}]"
+            )
+        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or tuple(scale.shape) != (N, groups):
+            got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise ValueError(f"{who}: scale must be a float tensor ({N}, {groups}), got {got}")
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise ValueError(f"{who}: scale must be positive and finite")
+        if zero_point is None:
+            zero_point = torch.zeros(N, groups, dtype=torch.int32)
+        if not isinstance(zero_point, torch.Tensor) or zero_point.is_floating_point() \
+                or tuple(zero_point.shape) != (N, groups):
+            got = tuple(zero_point.shape) if isinstance(zero_point, torch.Tensor) else type(zero_point).__name__
+            raise ValueError(f"{who}: zero_point must be an integer tensor ({N}, {groups}) or None, got {got}")
+        if self.weight_zero_point is None and bool(zero_point.ne(0).any()):
+            raise ValueError(f"{who}: the symmetric signed grid {spec} has zero point 0, got nonzero zero points")
+        if int(zero_point.min()) < spec.qmin or int(zero_point.max()) > spec.qmax:
+            raise ValueError(f"{who}: zero_point must lie in [{spec.qmin}, {spec.qmax}]")
+        padding = zero_point[:, -1:].expand(N, self.padded_features - K)  # (N, Kp - K): the code of 0
+        q = torch.cat([codes.to(spec.dtype), padding.to(spec.dtype)], dim=1)  # (N, Kp)
+        self.weight.copy_(q if self.bits == 8 else pack(q, self.bits, signed=spec.signed))
+        self.weight_scale.copy_(scale)
+        if self.weight_zero_point is not None:
+            self.weight_zero_point.copy_(zero_point)
+        if bias is not None:
+            self.bias.copy_(bias.detach().float())
+
     def codes(self) -> torch.Tensor:
         """The integer codes ``(N, K)`` (unpacked)."""
         q = (
@@ -860,6 +941,43 @@ class WeightOnlyLinear(_WeightOnly):
             spec=spec,
         ).to(linear.weight.device)
         module._set_from_float(linear.weight, linear.bias)
+        return module
+
+    @classmethod
+    def from_quantized(
+        cls,
+        linear: nn.Linear,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None = None,
+        *,
+        bits: int = 8,
+        group_size: int | None = None,
+        spec: QuantSpec | None = None,
+    ) -> WeightOnlyLinear:
+        """Store codes chosen elsewhere (GPTQ's, :mod:`qbook.gptq`, chapter 11) instead of rounding ``linear``'s
+        weight to nearest: ``codes`` ``(N, K)`` on the grid ``spec``, ``scale`` and ``zero_point``
+        ``(N, groups)`` (``groups = ceil(K / group_size)``, 1 per channel; ``zero_point`` ``None`` or 0 for the
+        default symmetric grid). ``linear`` gives the shape and the bias. ``dequantized_weight()`` is then
+        ``dequantize(codes, scale, zero_point, granularity=PerGroup(1, group_size))``, exactly.
+
+        >>> lin = torch.nn.Linear(4, 2)
+        >>> codes = torch.tensor([[1, -7, 7, 4], [0, 1, 2, 3]], dtype=torch.int8)
+        >>> layer = WeightOnlyLinear.from_quantized(lin, codes, torch.tensor([[0.1], [0.5]]), bits=4)
+        >>> layer.dequantized_weight()
+        tensor([[ 0.1000, -0.7000,  0.7000,  0.4000],
+                [ 0.0000,  0.5000,  1.0000,  1.5000]])
+        """
+        _check_float_module(linear, nn.Linear, cls.__name__)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits=bits,
+            group_size=group_size,
+            spec=spec,
+        ).to(linear.weight.device)
+        module._set_codes(codes, scale, zero_point, linear.bias, f"{cls.__name__}.from_quantized")
         return module
 
     @property

@@ -49,6 +49,9 @@ from qbook.observers import MinMaxObserver, Observer
 
 __all__ = [
     "PRESETS",
+    "W2A8_STATIC",
+    "W3A3_STATIC",
+    "W4A4_STATIC",
     "W4_G128_WEIGHT_ONLY",
     "W8A8_DYNAMIC",
     "W8A8_STATIC",
@@ -83,11 +86,13 @@ INT4_SYMMETRIC = QuantSpec(4, True, narrow_range=True, symmetric=True)
 class QuantConfig:
     """What to quantize and how (量化对象) — chapter 7.
 
-    * ``weight`` / ``weight_granularity``: the weight grid and who shares a scale. With activations (W8A8)
-      the grid is 8-bit symmetric, ``PerChannel(0)`` (one scale per output channel: the integer modules of
-      :mod:`qbook.nn` store per-channel weight scales, so ``PerTensor()`` is refused rather than ignored);
-      weight-only configs take 2..8 bits per channel or ``PerGroup(1, g)``.
-    * ``activation``: the input grid (8-bit), or ``None`` for weight-only quantization.
+    * ``weight`` / ``weight_granularity``: the weight grid and who shares a scale. With activations (W8A8,
+      or fewer bits such as W4A4 for chapter 8's QAT) the grid is 2..8-bit signed symmetric, ``PerChannel(0)``
+      (one scale per output channel: the integer modules of :mod:`qbook.nn` store per-channel weight scales,
+      so ``PerTensor()`` is refused rather than ignored); weight-only configs take 2..8 bits per channel or
+      ``PerGroup(1, g)``.
+    * ``activation``: the input grid (2..8 bits; codes of fewer than 8 bits are still stored and multiplied
+      as int8/uint8), or ``None`` for weight-only quantization.
     * ``dynamic``: quantize inputs at run time, one symmetric scale per token (row); else (static) one
       scale and zero point per tensor from calibration, chosen by ``observer`` (a class or factory from
       :mod:`qbook.observers`, called as ``observer(spec=activation)``).
@@ -123,16 +128,16 @@ class QuantConfig:
             if not 2 <= self.weight.bits <= 8:
                 raise ValueError(f"weight-only weights take 2..8 bits, got {self.weight}")
             return
-        if self.weight.bits != 8 or self.activation.bits != 8:
+        if not (2 <= self.weight.bits <= 8 and 2 <= self.activation.bits <= 8):
             raise ValueError(
-                f"integer matmuls take 8-bit weights and activations, got {self.weight}, {self.activation}"
+                f"integer matmuls take 2..8-bit weights and activations, got {self.weight}, {self.activation}"
             )
         if not (self.weight.symmetric and self.weight.signed):
             raise ValueError(f"the weight grid must be signed and symmetric, got {self.weight}")
         if g != PerChannel(0):
             raise ValueError(
-                f"W8A8 weight granularity must be PerChannel(0) (qbook.nn's integer modules keep one weight "
-                f"scale per output channel), got {g!r}"
+                "weight granularity with activations must be PerChannel(0) (qbook.nn's integer modules keep "
+                f"one weight scale per output channel), got {g!r}"
             )
         if self.dynamic and not self.activation.symmetric:
             raise ValueError(f"dynamic activations are symmetric per token, got {self.activation}")
@@ -155,6 +160,12 @@ class QuantConfig:
 
 W8A8_DYNAMIC = QuantConfig(INT8_SYMMETRIC, PerChannel(0), INT8_SYMMETRIC, dynamic=True, name="W8A8 dynamic")
 W8A8_STATIC = QuantConfig(INT8_SYMMETRIC, PerChannel(0), INT8, dynamic=False, name="W8A8 static")
+#: Low-bit static configs (chapter 8): symmetric narrow-range weights, affine per-tensor activations.
+W4A4_STATIC = QuantConfig(INT4_SYMMETRIC, PerChannel(0), QuantSpec(4, True), name="W4A4 static")
+W2A8_STATIC = QuantConfig(QuantSpec(2, True, True, True), PerChannel(0), INT8, name="W2A8 static")
+W3A3_STATIC = QuantConfig(
+    QuantSpec(3, True, True, True), PerChannel(0), QuantSpec(3, True), name="W3A3 static"
+)
 W8_WEIGHT_ONLY = QuantConfig(INT8_SYMMETRIC, PerChannel(0), None, name="W8 weight-only")
 W4_G128_WEIGHT_ONLY = QuantConfig(INT4_SYMMETRIC, PerGroup(1, 128), None, name="W4 g128 weight-only")
 PRESETS: tuple[QuantConfig, ...] = (W8A8_DYNAMIC, W8A8_STATIC, W8_WEIGHT_ONLY, W4_G128_WEIGHT_ONLY)
