@@ -62,7 +62,7 @@ from __future__ import annotations
 import inspect
 import operator
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -385,10 +385,14 @@ def _max_pool(
 
 
 class _Tracer(fx.Tracer):
-    """qbook's modules (and anything else from qbook) are leaves: they are exported whole or refused whole."""
+    """qbook's quantization modules are leaves: they are exported whole or refused whole."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("qbook.") or super().is_leaf_module(m, qualname)
+        return type(m).__module__ in _QBOOK_LEAVES or super().is_leaf_module(m, qualname)
+
+
+#: Where qbook's quantization modules live (qbook.models' networks are traced through, like any model).
+_QBOOK_LEAVES = ("qbook.nn", "qbook.ptq", "qbook.qat", "qbook.outliers", "qbook.observers")
 
 
 def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: str) -> str:
@@ -530,8 +534,8 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 
 
 def _function_handler(g: _Graph, node: fx.Node, args: list[Any], kwargs: dict[str, Any], out: _Value) -> str:
-    target, who = node.target, f"{node.op} {_name_of(node.target)!r} (node {node.name})"
-    key = target if isinstance(target, str) else target
+    key, who = node.target, f"{node.op} {_name_of(node.target)!r} (node {node.name})"
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # F.relu(x, inplace=...): same value
     if key in _UNARY and len(args) == 1 and not kwargs:
         return g.op(_UNARY[key], _tensor(args[0], who).name)
     if key in _BINARY and len(args) == 2 and not kwargs:
@@ -550,13 +554,33 @@ def _function_handler(g: _Graph, node: fx.Node, args: list[Any], kwargs: dict[st
     )
 
 
+_SHAPE = _Value("<shape>", (), torch.int64)  # stands for x.shape / x.size() (and an element of it)
+
+
+def _is_shape(node: fx.Node, values: dict[str, _Value]) -> bool:
+    """``x.shape``, ``x.size()`` and Python arithmetic on them (``x.shape[0] * 2``): no tensor comes out."""
+    if "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape"):
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] == "shape"
+    if node.op == "call_method" and node.target == "size":
+        return True
+    return node.op == "call_function" and any(
+        isinstance(a, fx.Node) and values.get(a.name) is _SHAPE for a in node.args
+    )
+
+
 def _tensor(value: Any, who: str) -> _Value:
-    if not isinstance(value, _Value):
+    if not isinstance(value, _Value) or value is _SHAPE:
         raise NotImplementedError(f"{who}: expected a tensor argument, got {value!r}")
     return value
 
 
 def _operand(g: _Graph, value: Any, who: str) -> str:
+    if value is _SHAPE:
+        raise NotImplementedError(
+            f"{who}: arithmetic with x.shape / x.size() is exported only inside reshapes"
+        )
     if isinstance(value, _Value):
         if value.dtype != torch.float32:
             raise TypeError(f"{who}: exported arithmetic is float32, got a {value.dtype} tensor")
@@ -615,8 +639,11 @@ def to_onnx(
 def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> Any:
     onnx = _onnx()
     helper = onnx.helper
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):  # fx traces into the root: wrap a lone layer so that it is a leaf
+        model = nn.Sequential(OrderedDict(model=model))
     try:
-        graph_module = fx.GraphModule(model, _Tracer().trace(model))
+        graph_module = fx.GraphModule(model, tracer.trace(model))
     except Exception as e:  # fx cannot trace data-dependent Python control flow
         raise NotImplementedError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
     from torch.fx.passes.shape_prop import ShapeProp
@@ -633,7 +660,7 @@ def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: 
         if meta is None or not hasattr(meta, "shape"):
             raise NotImplementedError(
                 f"node {node.name} ({_name_of(node.target)}) does not produce one tensor; qbook.export takes "
-                "models whose operations map tensors to tensors (no x.shape / x.size() arithmetic)"
+                "models whose operations map tensors to tensors (x.shape / x.size() only inside reshapes)"
             )
         return _Value(node.name, tuple(meta.shape), meta.dtype)
 
@@ -668,6 +695,9 @@ def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: 
                 f"node {node.name} reads the tensor attribute {node.target!r} directly; qbook.export takes "
                 "parameters inside modules only"
             )
+        if _is_shape(node, values):  # x.shape, x.size(), x.shape[0]: reshapes take the traced shape instead
+            values[node.name] = _SHAPE
+            continue
         out = value_of(node)
         args = [values[a.name] if isinstance(a, fx.Node) else a for a in node.args]
         kwargs = {k: values[a.name] if isinstance(a, fx.Node) else a for k, a in node.kwargs.items()}
