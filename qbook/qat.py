@@ -2,17 +2,17 @@
 
 Training sees the quantization error: weights and input activations pass through *fake quantizers* (伪量化:
 ``x_hat = dequantize(quantize(x))``, still float) in the forward pass, and the backward pass goes around the
-rounding with the straight-through estimator (直通估计器, STE). After training, :func:`convert` turns the model
-into chapter 7's integer modules, with exactly the codes the fake-quantized forward used.
+rounding with the straight-through estimator (直通估计器, STE). After training, :func:`convert` turns the
+model into chapter 7's integer modules, with exactly the codes the fake-quantized forward used.
 
 API
 ---
-* :class:`FakeQuantize` ``(spec=INT8, granularity=PerTensor(), *, observer=None)``: an observer (chapter 5) sets
-  ``scale``/``zero_point`` from the batches while it observes (training mode), then :func:`qbook.fake_quantize`
-  (the clipped STE); :meth:`FakeQuantize.freeze` keeps the parameters.
+* :class:`FakeQuantize` ``(spec=INT8, granularity=PerTensor(), *, observer=None)``: an observer (chapter 5)
+  sets ``scale``/``zero_point`` from the batches while it observes (training mode), then
+  :func:`qbook.fake_quantize` (the clipped STE); :meth:`FakeQuantize.freeze` keeps the parameters.
 * :class:`LearnedScaleFakeQuantize` ``(spec=INT8, granularity=PerTensor(), *, learn_zero_point=False,
-  init="lsq")``: LSQ (Esser et al., 2020): the scale is an ``nn.Parameter`` with the paper's gradient, scaled by
-  ``g = 1 / sqrt(N qmax)``; ``learn_zero_point=True`` learns the zero point too (LSQ+, Bhalgat et al., 2020).
+  init="lsq")``: LSQ (Esser et al., 2020): the scale is an ``nn.Parameter`` with the paper's gradient,
+  scaled by ``g = 1 / sqrt(N qmax)``; ``learn_zero_point=True`` learns the zero point too (LSQ+).
   The math cores :func:`_lsq_forward` and :func:`_lsq_grads` are what chapter 8 shows.
 * :func:`prepare_qat` ``(model, config=W8A8_STATIC, *, method="fake" | "lsq", ...)``: every ``nn.Linear`` /
   ``nn.Conv2d`` becomes :class:`QATLinear` / :class:`QATConv2d` (weights per output channel on
@@ -199,7 +199,9 @@ class FakeQuantize(_Quantizer):
             raise TypeError(f"observer must be an observer class or factory, got {observer!r}")
         self.observer = factory(spec=self.spec, granularity=self.granularity)
         if not isinstance(self.observer, Observer):
-            raise TypeError(f"observer must make a qbook.observers.Observer, got {type(self.observer).__name__}")
+            raise TypeError(
+                f"observer must make a qbook.observers.Observer, got {type(self.observer).__name__}"
+            )
         self.observing = True
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
@@ -218,7 +220,9 @@ class FakeQuantize(_Quantizer):
             self.initialized.fill_(True)
         self._require_initialized()
         spec = self.spec
-        return fake_quantize(x, self.scale, self.zero_point, spec.qmin, spec.qmax, granularity=self.granularity)
+        return fake_quantize(
+            x, self.scale, self.zero_point, spec.qmin, spec.qmax, granularity=self.granularity
+        )
 
     def extra_repr(self) -> str:
         state = "observing" if self.observing else "frozen"
@@ -245,7 +249,7 @@ def _lsq_forward(
 def _lsq_grads(
     grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The partial derivatives of (8.3) (Esser et al., 2020, eq. 3; LSQ+ for ``z``), times ``grad``, elementwise:
+    """The partial derivatives of (8.3) (Esser et al., 2020; LSQ+ for ``z``), times ``grad``, elementwise:
 
     * ``d x_hat / d x = 1`` inside the grid (``qmin <= round(x / s) + z <= qmax``), 0 outside (the STE);
     * ``d x_hat / d s = round(x / s) - x / s`` inside, ``qmin - z`` below, ``qmax - z`` above;
@@ -268,7 +272,7 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class _LSQ(torch.autograd.Function):
-    """Forward :func:`_lsq_forward`; backward :func:`_lsq_grads` with the gradient scale ``g`` on ``s``, ``z``."""
+    """Forward :func:`_lsq_forward`; backward :func:`_lsq_grads`, gradient scale ``g`` on ``s`` and ``z``."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, g):  # type: ignore[override]
@@ -283,11 +287,23 @@ class _LSQ(torch.autograd.Function):
         x, scale, z = ctx.saved_tensors
         qmin, qmax, g = ctx.params
         grad_x, grad_s, grad_z = _lsq_grads(grad.float(), x, scale, z, qmin, qmax)
-        return grad_x.to(grad.dtype), _sum_to(grad_s, scale.shape) * g, _sum_to(grad_z, z.shape) * g, None, None, None
+        return (
+            grad_x.to(grad.dtype),
+            _sum_to(grad_s, scale.shape) * g,
+            _sum_to(grad_z, z.shape) * g,
+            None,
+            None,
+            None,
+        )
 
 
 def lsq_fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, g: float | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    g: float | None = None,
 ) -> torch.Tensor:
     """LSQ fake quantization (Esser et al., 2020) — (8.3), chapter 8: forward
     ``x_hat = s (clamp(round(x / s) + z, qmin, qmax) - z)``, backward :func:`_lsq_grads` for ``x``, ``s`` and
@@ -311,8 +327,14 @@ def lsq_fake_quantize(
             if torch.broadcast_shapes(t.shape, x.shape) != x.shape:
                 raise RuntimeError
         except RuntimeError:
-            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to x's {tuple(x.shape)}") from None
-    if isinstance(qmin, bool) or isinstance(qmax, bool) or not (isinstance(qmin, int) and isinstance(qmax, int)):
+            raise ValueError(
+                f"{name} of shape {tuple(t.shape)} does not broadcast to x's {tuple(x.shape)}"
+            ) from None
+    if (
+        isinstance(qmin, bool)
+        or isinstance(qmax, bool)
+        or not (isinstance(qmin, int) and isinstance(qmax, int))
+    ):
         raise TypeError(f"qmin and qmax must be ints, got {qmin!r}, {qmax!r}")
     if not qmin < qmax or qmax < 1:
         raise ValueError(f"need qmin < qmax and qmax >= 1, got qmin={qmin}, qmax={qmax}")
@@ -330,8 +352,8 @@ def _lsq_init(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial ``(scale, zero_point)`` from a first batch ``x``, per group of ``granularity``.
 
-    ``init="lsq"``: the paper's ``s = 2 mean|x| / sqrt(qmax)``; ``"minmax"``: :func:`qbook.calc_qparams` of the
-    range. An affine grid's zero point puts the range's lower end ``min(min x, 0)`` at ``qmin``, as (3.3) does;
+    ``init="lsq"``: the paper's ``s = 2 mean|x| / sqrt(qmax)``; ``"minmax"``: :func:`qbook.calc_qparams` of
+    the range. An affine grid's zero point puts the range's lower end ``min(min x, 0)`` at ``qmin`` as (3.3);
     a symmetric grid's is the one :func:`qbook.calc_qparams` gives (0 when signed)."""
     rows = granularity.groups(x)  # (G, n)
     xmin, xmax = (rows_to_params(v, granularity, x.shape) for v in (rows.amin(1), rows.amax(1)))
@@ -349,11 +371,11 @@ class LearnedScaleFakeQuantize(_Quantizer):
 
     ``scale`` is an ``nn.Parameter`` (one per tensor, or per channel with ``PerChannel(axis)``), trained with
     the rest of the network through :func:`lsq_fake_quantize`: forward ``x_hat = s (clamp(round(x / s) + z,
-    qmin, qmax) - z)``, the paper's gradient ``d x_hat / d s`` (:func:`_lsq_grads`) scaled by
-    ``g = 1 / sqrt(N qmax)`` with ``N`` the elements per scale in the batch it sees. It is initialised from the
-    first batch: ``init="lsq"`` (default) as in the paper, ``2 mean|x| / sqrt(qmax)``; ``init="minmax"`` from
-    the range, as :class:`FakeQuantize` would. The zero point is the grid's own (0 on a signed symmetric
-    grid; an affine grid's puts ``min(min x, 0)`` at ``qmin`` at initialisation) and stays fixed, unless
+    qmin, qmax) - z)``, the paper's gradient ``d x_hat / d s`` (:func:`_lsq_grads`) scaled by ``g = 1 / sqrt(N
+    qmax)`` with ``N`` the elements per scale in the batch it sees. It is initialised from the first batch:
+    ``init="lsq"`` (default) as in the paper, ``2 mean|x| / sqrt(qmax)``; ``init="minmax"`` from the range, as
+    :class:`FakeQuantize` would. The zero point is the grid's own (0 on a signed symmetric grid; an affine
+    grid's puts ``min(min x, 0)`` at ``qmin`` at initialisation) and stays fixed, unless
     ``learn_zero_point=True`` (LSQ+, Bhalgat et al., 2020): then it is a parameter too, rounded in the forward
     pass, with gradient ``-s`` outside the grid and 0 inside (affine grids only). :meth:`freeze` stops
     learning (``requires_grad=False``).
@@ -379,8 +401,10 @@ class LearnedScaleFakeQuantize(_Quantizer):
         if not isinstance(learn_zero_point, bool):
             raise TypeError(f"learn_zero_point must be a bool, got {learn_zero_point!r}")
         if learn_zero_point and self.spec.symmetric:
-            raise ValueError(f"a symmetric grid has a fixed zero point; learn_zero_point needs an affine one, "
-                             f"got {self.spec}")
+            raise ValueError(
+                f"a symmetric grid has a fixed zero point; learn_zero_point needs an affine one, "
+                f"got {self.spec}"
+            )
         if init not in ("lsq", "minmax"):
             raise ValueError(f"init must be 'lsq' or 'minmax', got {init!r}")
         self.init, self.learn_zero_point = init, learn_zero_point
@@ -394,6 +418,8 @@ class LearnedScaleFakeQuantize(_Quantizer):
         """Set the scale (and zero point) from ``x`` as ``init`` says; the parameters keep their identity, so
         an optimizer built before still updates them. Returns ``self``."""
         x = _check_input(x, type(self).__name__)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{type(self).__name__} cannot initialise its scale from NaN or infinite values")
         scale, zero_point = _lsq_init(x.detach().float(), self.spec, self.granularity, self.init)
         self.scale.data, self.zero_point.data = scale.to(x.device), zero_point.to(x.device)
         self.initialized.fill_(True)
@@ -444,7 +470,8 @@ def _fold_bn(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(8.5) batch norm after a conv (or linear), folded into it, per output channel ``c``:
 
-    ``W'_c = W_c gamma_c / sqrt(var_c + eps)``,  ``b'_c = (b_c - mean_c) gamma_c / sqrt(var_c + eps) + beta_c``."""
+    ``W'_c = W_c gamma_c / sqrt(var_c + eps)``,
+    ``b'_c = (b_c - mean_c) gamma_c / sqrt(var_c + eps) + beta_c``."""
     factor = gamma / torch.sqrt(var + eps)  # (C_out,)
     w = weight * factor.reshape(-1, *[1] * (weight.ndim - 1))  # (C_out, 1, ...) against (C_out, C_in, ...)
     return w, (bias - mean) * factor + beta
@@ -473,7 +500,8 @@ def _conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, s
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # fx raises many kinds; say why and what to do
         raise ValueError(
-            f"cannot trace the model with torch.fx to find conv → batch-norm pairs ({type(e).__name__}: {e}); "
+            "cannot trace the model with torch.fx to find conv → batch-norm pairs "
+            f"({type(e).__name__}: {e}); "
             "fold by hand with qbook.qat._fold_bn"
         ) from e
     modules = dict(model.named_modules())
@@ -483,11 +511,17 @@ def _conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, s
         if node.op != "call_module" or node.target not in bns:
             continue
         bn, prev = modules[node.target], node.args[0] if node.args else None
-        conv = modules.get(prev.target) if isinstance(prev, torch.fx.Node) and prev.op == "call_module" else None
+        conv = (
+            modules.get(prev.target) if isinstance(prev, torch.fx.Node) and prev.op == "call_module" else None
+        )
         if conv is None or (type(conv), type(bn)) not in _PAIRS:
-            refused[node.target] = "its input is not the output of an nn.Conv2d (BatchNorm2d) or nn.Linear (1d)"
+            refused[node.target] = (
+                "its input is not the output of an nn.Conv2d (BatchNorm2d) or nn.Linear (1d)"
+            )
         elif len(prev.users) != 1 or calls[prev.target] != 1 or calls[node.target] != 1:
-            refused[node.target] = f"{prev.target!r}'s output is used elsewhere too, or a module is called twice"
+            refused[node.target] = (
+                f"{prev.target!r}'s output is used elsewhere too, or a module is called twice"
+            )
         elif bn.running_mean is None:
             refused[node.target] = "it keeps no running statistics (track_running_stats=False)"
         else:
@@ -498,11 +532,11 @@ def _conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, s
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.Module:
     """Fold every batch norm that directly follows an ``nn.Conv2d`` (``BatchNorm2d``) or ``nn.Linear``
-    (``BatchNorm1d``) into it, for inference — (8.5), chapter 8: the conv gets ``W' = W gamma / sqrt(var + eps)``
-    and ``b' = (b - mean) gamma / sqrt(var + eps) + beta`` (running statistics), the batch norm becomes
+    (``BatchNorm1d``) into it, for inference — (8.5), chapter 8: the conv gets ``W' = W gamma / sqrt(var +
+    eps)`` and ``b' = (b - mean) gamma / sqrt(var + eps) + beta`` (running statistics), the batch norm becomes
     ``nn.Identity``. The pairs are found by ``torch.fx`` tracing: the batch norm's input must be the conv's
-    output and nothing else may use it. Other batch norms are a ``ValueError`` naming them and why (``strict``)
-    or are left as they are (``strict=False``). Returns a copy in eval mode unless ``inplace``.
+    output and nothing else may use it. Other batch norms are a ``ValueError`` naming them and why
+    (``strict``) or are left as they are (``strict=False``). Returns a copy in eval mode unless ``inplace``.
 
     >>> torch.manual_seed(0) and None
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
@@ -544,7 +578,9 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool = Tr
 # --------------------------------------------------------------------------------------------------------
 
 
-def _fake_quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def _fake_quantize_bias(
+    bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
     """The bias on the accumulator's grid, as the integer module stores it ((7.1), (9.6): int32 with scale
     ``s_x s_w``), passed straight through in the backward pass."""
     s_x, s_w = input_scale.detach().reshape(()), weight_scale.detach().reshape(-1)  # (), (N,)
@@ -595,10 +631,18 @@ class QATLinear(nn.Linear, _QATLayer):
         self.weight_fake_quant, self.input_fake_quant = weight_fake_quant, input_fake_quant
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_fake_quant: nn.Module, input_fake_quant: nn.Module) -> QATLinear:
+    def from_float(
+        cls, linear: nn.Linear, weight_fake_quant: nn.Module, input_fake_quant: nn.Module
+    ) -> QATLinear:
         """Wrap ``linear``'s own parameters (no copy) with the two fake quantizers."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     weight_fake_quant=weight_fake_quant, input_fake_quant=input_fake_quant, device="meta")
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            weight_fake_quant=weight_fake_quant,
+            input_fake_quant=input_fake_quant,
+            device="meta",
+        )
         module.weight, module.bias = linear.weight, linear.bias
         return module
 
@@ -619,8 +663,18 @@ class QATLinear(nn.Linear, _QATLayer):
 
 def _conv_copy(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` shaped like ``conv`` holding copies of ``weight`` and ``bias``."""
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias is not None, conv.padding_mode, device="meta")
+    out = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias is not None,
+        conv.padding_mode,
+        device="meta",
+    )
     out.weight = nn.Parameter(weight.detach().clone())
     out.bias = None if bias is None else nn.Parameter(bias.detach().clone())
     return out
@@ -629,16 +683,31 @@ def _conv_copy(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None)
 class QATConv2d(nn.Conv2d, _QATLayer):
     """An ``nn.Conv2d`` trained with fake quantization, as :class:`QATLinear` (weight per output channel)."""
 
-    def __init__(self, *args: Any, weight_fake_quant: nn.Module, input_fake_quant: nn.Module, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, weight_fake_quant: nn.Module, input_fake_quant: nn.Module, **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self.weight_fake_quant, self.input_fake_quant = weight_fake_quant, input_fake_quant
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_fake_quant: nn.Module, input_fake_quant: nn.Module) -> QATConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, weight_fake_quant: nn.Module, input_fake_quant: nn.Module
+    ) -> QATConv2d:
         """Wrap ``conv``'s own parameters (no copy) with the two fake quantizers."""
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                     weight_fake_quant=weight_fake_quant, input_fake_quant=input_fake_quant, device="meta")
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            weight_fake_quant=weight_fake_quant,
+            input_fake_quant=input_fake_quant,
+            device="meta",
+        )
         module.weight, module.bias = conv.weight, conv.bias
         return module
 
@@ -671,8 +740,9 @@ class QATConvBn2d(nn.Module, _QATLayer):
     :func:`convert` computes in integers.
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight_fake_quant: nn.Module,
-                 input_fake_quant: nn.Module) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight_fake_quant: nn.Module, input_fake_quant: nn.Module
+    ) -> None:
         super().__init__()
         self.conv, self.bn = conv, bn
         self.weight_fake_quant, self.input_fake_quant = weight_fake_quant, input_fake_quant
@@ -729,15 +799,19 @@ def _check_float_model(model: object, inplace: object) -> nn.Module:
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
     done = [n for n, m in model.named_modules() if isinstance(m, (*_QAT_LAYERS, QuantModule, Observed))]
     if done:
-        raise ValueError(f"the model is already prepared or quantized: {_names(done)}; start from a float model")
+        raise ValueError(
+            f"the model is already prepared or quantized: {_names(done)}; start from a float model"
+        )
     return model
 
 
 def _check_conv(conv: nn.Module) -> None:
-    if isinstance(conv, nn.Conv2d) and (conv.groups != 1 or conv.padding_mode != "zeros"
-                                        or isinstance(conv.padding, str)):
+    if isinstance(conv, nn.Conv2d) and (
+        conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+    ):
         raise ValueError(
-            "QAT convs become qbook.nn.QuantConv2d: groups=1, padding_mode='zeros' and numeric padding only, got "
+            "QAT convs become qbook.nn.QuantConv2d: groups=1, padding_mode='zeros' and numeric padding "
+            "only, got "
             f"groups={conv.groups}, padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
         )
 
@@ -779,7 +853,9 @@ def prepare_qat(
     if learn_zero_point and method != "lsq":
         raise ValueError("learn_zero_point=True is LSQ+: it needs method='lsq'")
     if observer is not None and (method != "fake" or not callable(observer)):
-        raise ValueError(f"observer (a qbook.observers class or factory) is for method='fake', got {observer!r}")
+        raise ValueError(
+            f"observer (a qbook.observers class or factory) is for method='fake', got {observer!r}"
+        )
     _check_spec(config.weight)
     _check_spec(config.activation)
     _check_float_model(model, inplace)
@@ -856,19 +932,30 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, _QAT_LAYERS)]
     if not found:
         raise ValueError("convert needs a model from qbook.qat.prepare_qat; this one has no QAT layers")
-    empty = [n for n, m in found if not (bool(m.weight_fake_quant.initialized) and
-                                          bool(m.input_fake_quant.initialized))]
+    empty = [
+        n
+        for n, m in found
+        if not (bool(m.weight_fake_quant.initialized) and bool(m.input_fake_quant.initialized))
+    ]
     if empty:
-        raise ValueError(f"layers whose fake quantizers have seen no data: {_names(empty)}; train (or run a "
-                         "batch through) the model first")
+        raise ValueError(
+            f"layers whose fake quantizers have seen no data: {_names(empty)}; train (or run a "
+            "batch through) the model first"
+        )
     model = model if inplace else copy.deepcopy(model)
     for name, m in found:
         w_fq, x_fq = m.weight_fake_quant, m.input_fake_quant
         float_module = m.to_float()
         cls = QuantLinear if isinstance(float_module, nn.Linear) else QuantConv2d
         try:
-            new = cls.from_float(float_module, activation="static", act_spec=x_fq.spec, weight_spec=w_fq.spec,
-                                 input_qparams=_input_qparams(x_fq), weight_scale=w_fq.scale.detach())
+            new = cls.from_float(
+                float_module,
+                activation="static",
+                act_spec=x_fq.spec,
+                weight_spec=w_fq.spec,
+                input_qparams=_input_qparams(x_fq),
+                weight_scale=w_fq.scale.detach(),
+            )
         except (TypeError, ValueError, OverflowError) as e:
             raise type(e)(f"layer {name!r}: {e}") from e
         model = _set_submodule(model, name, new)
@@ -880,7 +967,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _batches(data: Any, batch_size: int, order: torch.Generator) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    data: Any, batch_size: int, order: torch.Generator
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         for index in torch.randperm(len(y), generator=order).split(batch_size):
@@ -901,13 +990,13 @@ def fit(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Train ``model`` (a QAT model, or any model) and return the mean training loss of each epoch — chapter 8.
+    """Train ``model`` (a QAT model, or any model); returns the mean training loss of each epoch — chapter 8.
 
     ``data``: ``(x, y)`` tensors, cut each epoch into shuffled mini-batches of ``batch_size`` (the order drawn
     from ``seed``), or a sequence of ``(x, y)`` batches used as given. ``optimizer``: default Adam with ``lr``
-    over every parameter (LSQ's scales included). Deterministic like :func:`qbook.models.train_digits_cnn`: one
-    thread (restored afterwards), seeded, the caller's random state untouched. ``progress``: a tqdm bar over
-    the epochs with the running loss. The model is left in the mode it had.
+    over every parameter (LSQ's scales included). Deterministic like :func:`qbook.models.train_digits_cnn`:
+    one thread (restored afterwards), seeded, the caller's random state untouched. ``progress``: a tqdm bar
+    over the epochs with the running loss. The model is left in the mode it had.
 
     >>> torch.manual_seed(0) and None
     >>> model = prepare_qat(nn.Sequential(nn.Linear(4, 3)), method="lsq")
@@ -931,7 +1020,9 @@ def fit(
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {progress!r}")
     if isinstance(data, torch.Tensor) or not isinstance(data, (tuple, list, Sequence)):
-        raise TypeError(f"data must be (x, y) tensors or a sequence of (x, y) batches, got {type(data).__name__}")
+        raise TypeError(
+            f"data must be (x, y) tensors or a sequence of (x, y) batches, got {type(data).__name__}"
+        )
     from tqdm import tqdm
 
     was_training, threads = model.training, torch.get_num_threads()
