@@ -240,8 +240,9 @@ class FakeQuantize(_Quantizer):
 def _lsq_forward(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """(8.3) ``x_hat = s (clamp(round(x / s) + z, qmin, qmax) - z)``: :func:`qbook.fake_quantize`'s arithmetic
-    (true float32 division, ties to even), with ``s`` and ``z`` tensors that can receive gradients."""
+    """LSQ's forward pass, ``x_hat = s (clamp(round(x / s) + z, qmin, qmax) - z)``:
+    :func:`qbook.fake_quantize`'s arithmetic (true float32 division, ties to even), with ``s`` and ``z``
+    tensors that can receive gradients."""
     q = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax)
     return (q - zero_point) * scale
 
@@ -249,7 +250,7 @@ def _lsq_forward(
 def _lsq_grads(
     grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The partial derivatives of (8.3) (Esser et al., 2020; LSQ+ for ``z``), times ``grad``, elementwise:
+    """The partial derivatives of LSQ's x_hat (Esser et al., 2020; LSQ+ for ``z``), times ``grad``:
 
     * ``d x_hat / d x = 1`` inside the grid (``qmin <= round(x / s) + z <= qmax``), 0 outside (the STE);
     * ``d x_hat / d s = round(x / s) - x / s`` inside, ``qmin - z`` below, ``qmax - z`` above;
@@ -305,7 +306,7 @@ def lsq_fake_quantize(
     qmax: int,
     g: float | None = None,
 ) -> torch.Tensor:
-    """LSQ fake quantization (Esser et al., 2020) — (8.3), chapter 8: forward
+    """LSQ fake quantization (Esser et al., 2020) — chapter 8: forward
     ``x_hat = s (clamp(round(x / s) + z, qmin, qmax) - z)``, backward :func:`_lsq_grads` for ``x``, ``s`` and
     ``z`` (``z`` is rounded in the forward pass), the gradients of ``s`` and ``z`` multiplied by
     ``g = 1 / sqrt(N qmax)`` (default), ``N`` = elements per scale. ``scale`` and ``zero_point`` broadcast
@@ -468,7 +469,7 @@ def _fold_bn(
     gamma: torch.Tensor,
     beta: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(8.5) batch norm after a conv (or linear), folded into it, per output channel ``c``:
+    """Batch-norm folding: a batch norm after a conv (or linear), folded into it, per output channel ``c``:
 
     ``W'_c = W_c gamma_c / sqrt(var_c + eps)``,
     ``b'_c = (b_c - mean_c) gamma_c / sqrt(var_c + eps) + beta_c``."""
@@ -532,7 +533,7 @@ def _conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, s
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.Module:
     """Fold every batch norm that directly follows an ``nn.Conv2d`` (``BatchNorm2d``) or ``nn.Linear``
-    (``BatchNorm1d``) into it, for inference — (8.5), chapter 8: the conv gets ``W' = W gamma / sqrt(var +
+    (``BatchNorm1d``) into it, for inference — chapter 8: the conv gets ``W' = W gamma / sqrt(var +
     eps)`` and ``b' = (b - mean) gamma / sqrt(var + eps) + beta`` (running statistics), the batch norm becomes
     ``nn.Identity``. The pairs are found by ``torch.fx`` tracing: the batch norm's input must be the conv's
     output and nothing else may use it. Other batch norms are a ``ValueError`` naming them and why
