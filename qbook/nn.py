@@ -826,19 +826,19 @@ class _WeightOnly(QuantModule):
     def _set_codes(
         self, codes: object, scale: object, zero_point: object, bias: torch.Tensor | None, who: str
     ) -> None:
-        """Store given codes ``(N, K)`` with their ``scale``/``zero_point`` ``(N, groups)``; ``K`` is padded with
-        the zero point (the code of 0), as :meth:`_set_from_float` pads it."""
+        """Store given codes ``(N, K)`` with their ``scale``/``zero_point`` ``(N, groups)``; ``K`` is padded
+        with the zero point (the code of 0), as :meth:`_set_from_float` pads it."""
         spec, N, K = self.spec, self.out_features, self.in_features
         groups = self.weight_scale.shape[1]
         if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
             raise TypeError(f"{who}: codes must be an integer tensor ({N}, {K}), got {codes!r:.60}")
         if tuple(codes.shape) != (N, K):
             raise ValueError(f"{who}: codes must have shape ({N}, {K}), got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
-            raise ValueError(
-                f"{who}: codes must lie in [{spec.qmin}, {spec.qmax}], got [{int(codes.min())}, {int(codes.max())}]"
-            )
-        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or tuple(scale.shape) != (N, groups):
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < spec.qmin or hi > spec.qmax:
+            raise ValueError(f"{who}: codes must lie in [{spec.qmin}, {spec.qmax}], got [{lo}, {hi}]")
+        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() \
+                or tuple(scale.shape) != (N, groups):
             got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
             raise ValueError(f"{who}: scale must be a float tensor ({N}, {groups}), got {got}")
         if not bool((torch.isfinite(scale) & (scale > 0)).all()):
@@ -847,10 +847,10 @@ class _WeightOnly(QuantModule):
             zero_point = torch.zeros(N, groups, dtype=torch.int32)
         if not isinstance(zero_point, torch.Tensor) or zero_point.is_floating_point() \
                 or tuple(zero_point.shape) != (N, groups):
-            got = tuple(zero_point.shape) if isinstance(zero_point, torch.Tensor) else type(zero_point).__name__
-            raise ValueError(f"{who}: zero_point must be an integer tensor ({N}, {groups}) or None, got {got}")
+            got = tuple(zero_point.shape) if isinstance(zero_point, torch.Tensor) else type(zero_point)
+            raise ValueError(f"{who}: zero_point must be an integer tensor ({N}, {groups}) or None: {got}")
         if self.weight_zero_point is None and bool(zero_point.ne(0).any()):
-            raise ValueError(f"{who}: the symmetric signed grid {spec} has zero point 0, got nonzero zero points")
+            raise ValueError(f"{who}: the symmetric signed grid {spec} has zero point 0, got nonzero ones")
         if int(zero_point.min()) < spec.qmin or int(zero_point.max()) > spec.qmax:
             raise ValueError(f"{who}: zero_point must lie in [{spec.qmin}, {spec.qmax}]")
         padding = zero_point[:, -1:].expand(N, self.padded_features - K)  # (N, Kp - K): the code of 0
@@ -955,10 +955,10 @@ class WeightOnlyLinear(_WeightOnly):
         group_size: int | None = None,
         spec: QuantSpec | None = None,
     ) -> WeightOnlyLinear:
-        """Store codes chosen elsewhere (GPTQ's, :mod:`qbook.gptq`, chapter 11) instead of rounding ``linear``'s
-        weight to nearest: ``codes`` ``(N, K)`` on the grid ``spec``, ``scale`` and ``zero_point``
-        ``(N, groups)`` (``groups = ceil(K / group_size)``, 1 per channel; ``zero_point`` ``None`` or 0 for the
-        default symmetric grid). ``linear`` gives the shape and the bias. ``dequantized_weight()`` is then
+        """Store codes chosen elsewhere (GPTQ's, :mod:`qbook.gptq`, chapter 11) instead of rounding the weight
+        of ``linear`` to nearest: ``codes`` ``(N, K)`` on the grid ``spec``, ``scale`` and ``zero_point``
+        ``(N, groups)`` (``groups = ceil(K / group_size)``, 1 per channel; ``zero_point`` ``None`` or 0 for
+        the default symmetric grid). ``linear`` gives the shape and the bias. ``dequantized_weight()`` is then
         ``dequantize(codes, scale, zero_point, granularity=PerGroup(1, group_size))``, exactly.
 
         >>> lin = torch.nn.Linear(4, 2)
