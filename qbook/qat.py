@@ -826,6 +826,7 @@ def prepare_qat(
     skip: Iterable[str] = (),
     observer: Callable[..., Observer] | None = None,
     learn_zero_point: bool = False,
+    init: str = "lsq",
     inplace: bool = False,
 ) -> nn.Module:
     """Make a float model ready for quantization-aware training — chapter 8.
@@ -841,7 +842,8 @@ def prepare_qat(
     (:class:`LatestMinMaxObserver`, as PTQ would choose), inputs on a moving average of the batch ranges
     (``observer``, default :class:`~qbook.observers.MovingAverageObserver`; ``config.observer`` is PTQ's
     calibration observer and is not used). ``method="lsq"``: :class:`LearnedScaleFakeQuantize` — weight scales
-    initialised now from the (folded) weights, input scales from the first batch; ``learn_zero_point=True``
+    initialised now from the (folded) weights, input scales from the first batch, both as ``init`` says
+    (``"lsq"``: the paper's ``2 mean|x| / sqrt(qmax)``; ``"minmax"``: the range); ``learn_zero_point=True``
     learns affine input zero points (LSQ+).
 
     Returns a copy in training mode (``inplace=True``: the model itself).
@@ -853,6 +855,8 @@ def prepare_qat(
         raise TypeError(f"learn_zero_point must be a bool, got {learn_zero_point!r}")
     if learn_zero_point and method != "lsq":
         raise ValueError("learn_zero_point=True is LSQ+: it needs method='lsq'")
+    if init not in ("lsq", "minmax"):
+        raise ValueError(f"init must be 'lsq' or 'minmax', got {init!r}")
     if observer is not None and (method != "fake" or not callable(observer)):
         raise ValueError(
             f"observer (a qbook.observers class or factory) is for method='fake', got {observer!r}"
@@ -873,12 +877,14 @@ def prepare_qat(
     def weight_quantizer(weight: torch.Tensor) -> nn.Module:
         if method == "fake":
             return FakeQuantize(config.weight, PerChannel(0), observer=LatestMinMaxObserver)
-        return LearnedScaleFakeQuantize(config.weight, PerChannel(0)).initialize(weight.detach())
+        return LearnedScaleFakeQuantize(config.weight, PerChannel(0), init=init).initialize(weight.detach())
 
     def input_quantizer() -> nn.Module:
         if method == "fake":
             return FakeQuantize(config.activation, PerTensor(), observer=observer)
-        return LearnedScaleFakeQuantize(config.activation, PerTensor(), learn_zero_point=learn_zero_point)
+        return LearnedScaleFakeQuantize(
+            config.activation, PerTensor(), learn_zero_point=learn_zero_point, init=init
+        )
 
     for name, _ in targets:
         m = model.get_submodule(name) if name else model
@@ -979,6 +985,17 @@ def _batches(
         yield from data
 
 
+def _adam(model: nn.Module, lr: float, quantizer_lr: float | None) -> torch.optim.Adam:
+    """Adam over the model's parameters; LSQ's scales and zero points in a group of their own."""
+    learned = [p for m in model.modules() if isinstance(m, LearnedScaleFakeQuantize)
+               for p in m.parameters(recurse=False)]
+    ids = {id(p) for p in learned}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if learned:
+        groups.append({"params": learned, "lr": lr if quantizer_lr is None else quantizer_lr})
+    return torch.optim.Adam(groups, lr=lr)
+
+
 def fit(
     model: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor] | Sequence[tuple[Any, Any]],
@@ -986,6 +1003,7 @@ def fit(
     epochs: int = 1,
     lr: float = 1e-3,
     optimizer: torch.optim.Optimizer | None = None,
+    quantizer_lr: float | None = None,
     batch_size: int = 128,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     seed: int = 0,
@@ -995,9 +1013,12 @@ def fit(
 
     ``data``: ``(x, y)`` tensors, cut each epoch into shuffled mini-batches of ``batch_size`` (the order drawn
     from ``seed``), or a sequence of ``(x, y)`` batches used as given. ``optimizer``: default Adam with ``lr``
-    over every parameter (LSQ's scales included). Deterministic like :func:`qbook.models.train_digits_cnn`:
-    one thread (restored afterwards), seeded, the caller's random state untouched. ``progress``: a tqdm bar
-    over the epochs with the running loss. The model is left in the mode it had.
+    over every parameter, LSQ's scales and zero points with ``quantizer_lr`` (default ``lr``: Adam divides by
+    the gradient's size, so LSQ's gradient scale ``g`` does not set their step, the learning rate does: a
+    weight scale of 0.01 moves by up to ``lr`` per step). Deterministic like
+    :func:`qbook.models.train_digits_cnn`: one thread (restored afterwards), seeded, the caller's random state
+    untouched. ``progress``: a tqdm bar over the epochs with the running loss. The model is left in the mode
+    it had.
 
     >>> torch.manual_seed(0) and None
     >>> model = prepare_qat(nn.Sequential(nn.Linear(4, 3)), method="lsq")
@@ -1016,6 +1037,13 @@ def fit(
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if quantizer_lr is not None:
+        if optimizer is not None:
+            raise ValueError("quantizer_lr is for the default optimizer; give yours its parameter groups")
+        if isinstance(quantizer_lr, bool) or not isinstance(quantizer_lr, (int, float)) or not (
+            math.isfinite(quantizer_lr) and quantizer_lr > 0
+        ):
+            raise ValueError(f"quantizer_lr must be a positive number or None, got {quantizer_lr!r}")
     if not callable(loss):
         raise TypeError(f"loss must be callable (outputs, targets) -> tensor, got {loss!r}")
     if not isinstance(progress, bool):
@@ -1033,7 +1061,7 @@ def fit(
             torch.set_num_threads(1)  # small models: one thread is fast, and the sums' order is fixed
             torch.manual_seed(seed)
             order = torch.Generator().manual_seed(seed)
-            optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+            optimizer = optimizer or _adam(model, lr, quantizer_lr)
             model.train()
             bar = tqdm(range(epochs), desc="training", disable=not progress, leave=False)
             for epoch in bar:

@@ -604,6 +604,8 @@ def test_workflow_errors_name_the_problem() -> None:
         qat.prepare_qat(model, method="sgd")
     with pytest.raises(ValueError, match="learn_zero_point.*lsq"):
         qat.prepare_qat(model, learn_zero_point=True)
+    with pytest.raises(ValueError, match="init must be 'lsq' or 'minmax', got 'mse'"):
+        qat.prepare_qat(model, method="lsq", init="mse")
     prepared = qat.prepare_qat(model)
     with pytest.raises(ValueError, match="already prepared"):
         qat.prepare_qat(prepared)
@@ -621,3 +623,30 @@ def test_workflow_errors_name_the_problem() -> None:
             qat.fit(prepared, (torch.ones(2, 4), torch.zeros(2, dtype=torch.long)), **kw)
     with pytest.raises(TypeError, match="data must be"):
         qat.fit(prepared, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="quantizer_lr must be a positive number"):
+        qat.fit(prepared, (torch.ones(2, 4), torch.zeros(2, dtype=torch.long)), quantizer_lr=0.0)
+
+
+def test_fit_gives_the_learned_quantizer_parameters_their_own_learning_rate() -> None:
+    x, y = digits("calibration")
+    torch.manual_seed(0)
+    model = qat.prepare_qat(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), ptq.W4A4_STATIC, method="lsq")
+    model(x[:8])  # initialise the input scale
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    qat.fit(model, [(x[:50], y[:50])], epochs=1, lr=1e-2, quantizer_lr=1e-9, progress=False)
+    for name, p in model.named_parameters():
+        moved = float((p.detach() - before[name]).abs().max())
+        # Adam's first step moves every parameter by about its learning rate
+        assert (moved < 1e-8) if "fake_quant" in name else (moved > 1e-3), name
+
+
+def test_converted_qat_model_saves_and_loads_exactly(tmp_path, trained) -> None:
+    x, _ = digits("calibration")
+    model = qat.prepare_qat(trained, ptq.W4A4_STATIC)
+    model(x)
+    integer = qat.convert(model.eval())
+    path = tmp_path / "w4a4.safetensors"
+    ptq.save(integer, path)
+    loaded = ptq.load(path, DigitsCNN())
+    assert torch.equal(loaded(x), integer(x))
+    assert repr(loaded.conv2) == repr(integer.conv2)
