@@ -13,6 +13,7 @@ qbook module                               ONNX nodes
                                            bias → ``Cast`` → ``Mul`` by ``float32(s_x s_w)``: (7.1)
 :class:`~qbook.nn.QuantConv2d` (static)    the same with ``ConvInteger`` (it pads with the zero point, as
                                            qbook does)
+``output="int8"`` (static)                 ``+ b_q`` → (9.5) in int64 operators → ``Clip`` → int8: (7.3)
 QuantLinear / QuantConv2d (dynamic)        per-token scale ``ReduceMax(Abs)`` → ``Div`` → ``Max(eps)``;
                                            codes ``Round(Div)`` → ``Cast`` int8 → ``MatMulInteger`` → ``Cast``
                                            → ``Mul`` → ``Mul`` → ``Add``: (7.2). A convolution is unfolded
@@ -33,14 +34,18 @@ for dynamic), so onnxruntime reproduces qbook's outputs bit for bit — the test
 the weight-only modules and float layers differ, by float rounding, because their matmuls sum in another
 order.
 
-**Graph optimizations off.** onnxruntime's optimizer fuses ``MatMulInteger → Cast → Mul`` into
-``MatMulIntegerToFloat`` (which multiplies by ``s_x s_w`` in another order) and QDQ groups into
-``QLinear*`` kernels (which requantize with their own rounding), so :func:`session_options` disables graph
-optimizations: the graph runs exactly as exported.
+**Graph optimizations off.** onnxruntime's optimizer rewrites quantized graphs: in onnxruntime 1.32 its
+basic level turns ``Cast → Mul`` into a ``DequantizeLinear``, its extended level removes ``Relu`` nodes next
+to ``QuantizeLinear``, and QDQ groups may become ``QLinear*`` kernels that requantize with their own rounding.
+On the tests' models the rewritten graphs still gave qbook's outputs, but nothing promises the order of
+operations, so :func:`session_options` disables graph optimizations: the graph runs as exported.
 
-Refused, with an error that names the module or operation: output="int8" layers (their fixed-point
-requantization (9.5) needs 64-bit shifts), grids whose codes do not fit int8/uint8, unsigned dynamic grids,
-models in training mode, and every operation outside :data:`SUPPORTED`.
+Static layers with ``output="int8"`` (7.3) export their fixed-point requantization (9.5) as int64 integer
+operators (``Mul``, ``Div`` that truncates like C++, ``BitwiseAnd``, comparisons), bit-exact to
+:func:`qbook.requantize`; the next static layer takes the int8 codes directly (max pooling and reshapes may
+sit between them). Refused, with an error that names the module or operation: grids whose codes do not fit
+int8/uint8, unsigned dynamic grids, dropout or batch norm in training mode, and every operation outside
+:data:`SUPPORTED`.
 
 >>> import tempfile, torch
 >>> from qbook.nn import QuantLinear
@@ -197,36 +202,63 @@ def _quantize_linear(g: _Graph, x: str, scale: float, zero_point: int, spec: Qua
 
 def _static_epilogue(g: _Graph, acc: str, module: QuantLinear | QuantConv2d, shape: tuple[int, ...]) -> str:
     """(7.1) after the accumulation: ``y = float32(acc + b_q) * float32(s_x s_w)``, the int32 bias added
-    before the one float multiplication (``module.acc_scale``), as qbook does. ``shape`` puts the output
-    channels where the accumulator has them."""
+    before the one float multiplication (``module.acc_scale``), as qbook does; or (7.3) for int8 outputs.
+    ``shape`` puts the output channels where the accumulator has them."""
     if module.bias is not None:
         acc = g.op("Add", acc, g.const(module.bias.reshape(shape), "bias_q"))  # int32 + int32
+    if module.output == "int8":
+        return _requantize(g, acc, module, shape)
     y = g.op("Cast", acc, to=_FLOAT)
     return g.op("Mul", y, g.const(module.acc_scale.reshape(shape), "acc_scale"))
 
 
-def _static_linear(g: _Graph, x: str, module: QuantLinear, who: str) -> str:
-    """(7.1): ``QuantizeLinear`` → ``MatMulInteger`` (int32 ``sum_k (q_x - z_x) q_w``) → epilogue."""
-    s_x, z_x = float(module.input_scale), int(module.input_zero_point)
-    q = _quantize_linear(g, x, s_x, z_x, module.act_spec, who)
-    dtype = _storage(module.act_spec, who)[0]
+def _requantize(g: _Graph, acc: str, module: QuantLinear | QuantConv2d, shape: tuple[int, ...]) -> str:
+    """(7.3) ``q_y = clamp(z_y + MBQM(acc), -128, 127)`` with (9.5), TFLite's fixed-point multiply, in int64
+    ONNX operators: ``SaturatingRoundingDoublingHighMul(acc 2^left, M)`` (``Div`` truncates toward zero, as
+    C++ does) then ``RoundingDivideByPOT(., right)`` — qbook's :func:`qbook.requantize`, bit for bit."""
+    shift = module.output_shift.reshape(shape)
+    left, right = shift.clamp(min=0), (-shift).clamp(min=0)
+    mask = torch.ones_like(right).bitwise_left_shift(right) - 1  # 2^right - 1
+
+    def c(value: Any, hint: str) -> str:
+        return g.const(torch.as_tensor(value, dtype=torch.int64), hint)
+
+    x = g.op(
+        "Mul", g.op("Cast", acc, to=_INT64), c(torch.ones_like(left).bitwise_left_shift(left), "two_left")
+    )
+    ab = g.op("Mul", x, c(module.output_multiplier.reshape(shape), "multiplier"))  # |ab| < 2^62
+    nudge = g.op("Where", g.op("GreaterOrEqual", ab, c(0, "zero")), c(2**30, "nudge"), c(1 - 2**30, "nudge"))
+    high = g.op("Div", g.op("Add", ab, nudge), c(2**31, "two_31"))  # SaturatingRoundingDoublingHighMul
+    remainder = g.op("BitwiseAnd", high, c(mask, "mask"))  # high mod 2^right
+    quotient = g.op("Div", g.op("Sub", high, remainder), c(mask + 1, "two_right"))  # floor(high / 2^right)
+    threshold = g.op(
+        "Add", c(mask >> 1, "half_mask"), g.op("Cast", g.op("Less", high, c(0, "zero")), to=_INT64)
+    )
+    y = g.op("Add", quotient, g.op("Cast", g.op("Greater", remainder, threshold), to=_INT64))  # RDBPOT
+    y = g.op("Add", y, c(int(module.output_zero_point), "output_zp"))
+    y = g.op("Clip", y, c(-128, "qmin"), c(127, "qmax"))
+    return g.op("Cast", y, to=3)  # int8
+
+
+def _static_linear(g: _Graph, q: str, module: QuantLinear) -> str:
+    """(7.1): ``MatMulInteger`` (int32 ``sum_k (q_x - z_x) q_w``) on the codes ``q``, then the epilogue."""
+    z_x = module.act_spec.dtype  # the codes' type
     weight_t = module.weight.t().contiguous()  # (K, N) int8
-    acc = g.op("MatMulInteger", q, g.const(weight_t, "weight_t"), g.const(dtype.type(z_x), "zp"))
+    zp = g.const(torch.tensor(int(module.input_zero_point), dtype=z_x), "zp")
+    acc = g.op("MatMulInteger", q, g.const(weight_t, "weight_t"), zp)
     return _static_epilogue(g, acc, module, (-1,))
 
 
-def _static_conv(g: _Graph, x: str, module: QuantConv2d, who: str) -> str:
+def _static_conv(g: _Graph, q: str, module: QuantConv2d) -> str:
     """(7.1) for a convolution: ``ConvInteger`` subtracts the input zero point and pads with it (the code of
     0.0), exactly qbook's im2col + integer matmul."""
-    s_x, z_x = float(module.input_scale), int(module.input_zero_point)
-    q = _quantize_linear(g, x, s_x, z_x, module.act_spec, who)
-    dtype = _storage(module.act_spec, who)[0]
     ph, pw = module.padding
+    zp = g.const(torch.tensor(int(module.input_zero_point), dtype=module.act_spec.dtype), "zp")
     acc = g.op(
         "ConvInteger",
         q,
         g.const(module.weight, "weight"),  # (O, C, kh, kw) int8
-        g.const(dtype.type(z_x), "zp"),
+        zp,
         kernel_shape=list(module.kernel_size),
         strides=list(module.stride),
         pads=[ph, pw, ph, pw],
@@ -397,16 +429,19 @@ _QBOOK_LEAVES = ("qbook.nn", "qbook.ptq", "qbook.qat", "qbook.outliers", "qbook.
 
 def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: str) -> str:
     if isinstance(module, (QuantLinear, QuantConv2d)):
-        if module.output != "float":
-            raise ValueError(
-                f"{who} ({module!r}) has output='int8'; its fixed-point requantization (9.5) is not exported "
-                "(export layers with float outputs, as qbook.ptq.convert makes them)"
-            )
         conv = isinstance(module, QuantConv2d)
-        if x.dtype != torch.float32:
-            raise TypeError(f"{who} takes float32 inputs in an exported graph, got {x.dtype}")
         if module.activation == "static":
-            return _static_conv(g, x.name, module, who) if conv else _static_linear(g, x.name, module, who)
+            _storage(module.act_spec, who)  # codes that int8/uint8 hold
+            if x.dtype == torch.float32:  # (3.1)
+                s_x, z_x = float(module.input_scale), int(module.input_zero_point)
+                q = _quantize_linear(g, x.name, s_x, z_x, module.act_spec, who)
+            elif x.dtype == module.act_spec.dtype:  # codes on the input grid, e.g. an int8 output before
+                q = x.name
+            else:
+                raise TypeError(f"{who} takes float32 inputs or {module.act_spec.dtype} codes, got {x.dtype}")
+            return _static_conv(g, q, module) if conv else _static_linear(g, q, module)
+        if x.dtype != torch.float32:
+            raise TypeError(f"{who} (dynamic) takes float32 inputs, got {x.dtype}")
         if not module.act_spec.signed:
             raise ValueError(
                 f"{who}: dynamic activations on an unsigned grid ({module.act_spec}) are not exported"
@@ -456,10 +491,10 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
             module.ceil_mode,
             module.return_indices,
         )
-    if type(module) is nn.Flatten:
+    if type(module) in (nn.Flatten, nn.Unflatten):
         return _reshape(g, x, out.shape)
     if type(module) in (nn.Identity, nn.Dropout):
-        return g.op("Identity", x.name)
+        return x.name
     if type(module) in _ACTIVATIONS:
         return g.op(_ACTIVATIONS[type(module)], x.name)
     hint = ""
@@ -526,7 +561,10 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
             f"qbook.nn.{name}"
             for name in ("QuantLinear", "QuantConv2d", "WeightOnlyLinear", "WeightOnlyConv2d")
         ),
-        *(f"nn.{name}" for name in "Linear Conv2d BatchNorm2d MaxPool2d Flatten Identity Dropout".split()),
+        *(
+            f"nn.{name}"
+            for name in "Linear Conv2d BatchNorm2d MaxPool2d Flatten Unflatten Identity Dropout".split()
+        ),
         *(f"nn.{name}" for name in "ReLU Sigmoid Tanh".split()),
     ),
     "functions": tuple("relu sigmoid tanh add sub mul div max_pool2d flatten reshape view".split()),
@@ -537,7 +575,7 @@ def _function_handler(g: _Graph, node: fx.Node, args: list[Any], kwargs: dict[st
     key, who = node.target, f"{node.op} {_name_of(node.target)!r} (node {node.name})"
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # F.relu(x, inplace=...): same value
     if key in _UNARY and len(args) == 1 and not kwargs:
-        return g.op(_UNARY[key], _tensor(args[0], who).name)
+        return g.op(_UNARY[key], _operand(g, args[0], who))
     if key in _BINARY and len(args) == 2 and not kwargs:
         a, b = (_operand(g, v, who) for v in args)
         return g.op(_BINARY[key], a, b)
@@ -648,8 +686,14 @@ def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: 
         raise NotImplementedError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
     from torch.fx.passes.shape_prop import ShapeProp
 
-    with torch.no_grad():
-        ShapeProp(graph_module).propagate(example)
+    try:
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example)
+    except Exception as e:  # the model itself fails on the example: report its own error, not fx's wrapper
+        cause = e.__cause__ or e
+        if type(cause) in (TypeError, ValueError, RuntimeError, NotImplementedError, OverflowError):
+            raise type(cause)(f"the model fails on example_input: {cause}") from e
+        raise
     g = _Graph(dynamic_batch)
     values: dict[str, _Value] = {}
     inputs, outputs = [], []
@@ -680,15 +724,18 @@ def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: 
             if not isinstance(result, fx.Node):
                 raise NotImplementedError("qbook.export takes models with one tensor output")
             v = values[result.name]
-            if v.dtype != torch.float32:
-                raise NotImplementedError(f"the model's output must be float32, got {v.dtype}")
+            types = {torch.float32: _FLOAT, torch.int8: 3, torch.uint8: 2}
+            if v.dtype not in types:
+                raise NotImplementedError(
+                    f"the model's output must be float32 (or int8 codes), got {v.dtype}"
+                )
             if any(v.name in n.output for n in g.nodes):  # name the last node's result "output"
                 for n in g.nodes:
                     n.input[:] = ["output" if i == v.name else i for i in n.input]
                     n.output[:] = ["output" if o == v.name else o for o in n.output]
             else:  # the input itself (an empty model)
                 g.nodes.append(helper.make_node("Identity", [v.name], ["output"], name="output"))
-            outputs.append(helper.make_tensor_value_info("output", _FLOAT, dims(v.shape)))
+            outputs.append(helper.make_tensor_value_info("output", types[v.dtype], dims(v.shape)))
             continue
         if node.op == "get_attr":
             raise NotImplementedError(

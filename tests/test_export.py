@@ -26,15 +26,21 @@ FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthChe
 
 
 @pytest.fixture(scope="module")
-def digits_int8() -> tuple[nn.Module, torch.Tensor]:
+def digits_cnn() -> nn.Module:
+    return train_digits_cnn(seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits_int8(digits_cnn) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The chapter 7 pipeline: the trained digits CNN, static W8A8 (every conv and linear layer),
-    calibrated on training images."""
-    model = train_digits_cnn(seed=0)
+    calibrated on training images; the test images and qbook's outputs on them."""
+    model = digits_cnn
     x_train, _ = digits("train")
     batches = list(x_train[:512].split(128))
     quantized = ptq.quantize(model, ptq.W8A8_STATIC, batches, modules=(nn.Linear, nn.Conv2d))
     x_test, _ = digits("test")
-    return quantized, x_test
+    with torch.no_grad():
+        return quantized, x_test, quantized(x_test)
 
 
 def _with_outputs(proto: onnx.ModelProto, op_type: str) -> tuple[onnx.ModelProto, list[str]]:
@@ -70,14 +76,12 @@ def _check_exact(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
 
 
 def test_digits_cnn_onnxruntime_equals_qbook(digits_int8, tmp_path):
-    model, x = digits_int8
+    model, x, expected = digits_int8
     path = tmp_path / "digits.onnx"
     proto = export.to_onnx(model, x[:8], path)
     onnx.checker.check_model(onnx.load(path), full_check=True)
     assert [n.op_type for n in proto.graph.node].count("ConvInteger") == 2
     assert [n.op_type for n in proto.graph.node].count("MatMulInteger") == 2
-    with torch.no_grad():
-        expected = model(x)
     y = export.run(path, x)  # the whole test set, a batch size the example did not have
     assert y.shape == expected.shape == (len(x), 10)
     assert torch.equal(y.argmax(1), expected.argmax(1))  # 100 % argmax agreement
@@ -87,8 +91,8 @@ def test_digits_cnn_onnxruntime_equals_qbook(digits_int8, tmp_path):
 
 def test_digits_cnn_integer_accumulators_equal_int_matmul(digits_int8):
     """Inside the graph: ConvInteger and MatMulInteger give exactly qbook's int32 accumulators (4.4)."""
-    model, x = digits_int8
-    x = x[:32]
+    model, x, _ = digits_int8
+    x = x[:8]
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         getattr(model, name).register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
@@ -270,11 +274,11 @@ def test_mixed_float_and_integer_model(tmp_path):
 
 
 def test_dynamic_batch(digits_int8):
-    model, x = digits_int8
+    model, x, expected = digits_int8
     proto = export.to_onnx(model, x[:2])
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     for n in (1, 7):
-        assert torch.equal(export.run(proto, x[:n]), model(x[:n]))
+        assert torch.equal(export.run(proto, x[:n]), expected[:n])  # rows are independent in qbook too
     fixed = export.to_onnx(model, x[:2], dynamic_batch=False)
     with pytest.raises(Exception, match="(?i)dimension|shape"):
         export.run(fixed, x[:3])
@@ -284,6 +288,52 @@ def test_session_options_disable_fusions():
     """With the optimizer on, onnxruntime may fuse the epilogue; run() keeps the graph as exported."""
     options = export.session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+@pytest.mark.parametrize("output_scale", [3e-1, 2e-2, 1e-3, 1e-4, 2e-5])
+def test_int8_output_requantization_exact(output_scale):
+    """(7.3): the fixed-point requantization (9.5) as int64 ONNX operators equals qbook.requantize bit for
+    bit, for right shifts (M < 1) and left shifts (M > 1); the next layer takes the int8 codes."""
+    torch.manual_seed(9)
+    first = QuantLinear.from_float(
+        nn.Linear(24, 16, bias=False),
+        activation="static",
+        input_qparams=(0.02, 3),
+        output="int8",
+        output_qparams=(output_scale, -4),
+    )
+    second = QuantConv2d.from_float(
+        nn.Conv2d(1, 2, 2),
+        activation="static",
+        act_spec=INT8,
+        input_qparams=(output_scale, -4),
+        output="int8",
+        output_qparams=(0.05, 1),
+    )
+    shifts = first.output_shift
+    model = nn.Sequential(first, nn.Unflatten(1, (1, 4, 4)), second, nn.Flatten(), nn.Identity()).eval()
+    x = randn(6, 24) * (2.0 if output_scale >= 1e-3 else 0.01)  # small inputs where M = s_x s_w / s_y > 1
+    with torch.no_grad():
+        codes = first(x)
+    assert codes.dtype == torch.int8 and len(set(codes.flatten().tolist())) > 5  # not all saturated
+    assert (int(shifts.min()) > 0) == (output_scale < 1e-4)  # 2e-5: M > 1, a left shift
+    _check_exact(model, x)
+
+
+def test_qat_converted_low_bit_model_exact(digits_cnn):
+    """A QAT model converted to W4A4 integer modules (4-bit codes in int8, Clip to [-8, 7]): exact."""
+    from qbook import qat
+
+    x_train, _ = digits("train")
+    x_test, _ = digits("test")
+    model = qat.prepare_qat(digits_cnn, ptq.W4A4_STATIC)
+    model.train()
+    with torch.no_grad():
+        for batch in x_train[:256].split(64):
+            model(batch)
+    integer = qat.convert(qat.freeze(model).eval())
+    proto = _check_exact(integer, x_test[:100])
+    assert "Clip" in [n.op_type for n in proto.graph.node]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -323,19 +373,22 @@ def test_unsupported_modules_and_ops_are_named():
         export.to_onnx(nn.Conv2d(4, 4, 1, groups=2).eval(), randn(1, 4, 3, 3))
 
 
-def test_unconverted_and_int8_output_layers_are_refused():
+def test_unconverted_and_unsupported_layers_are_refused():
     torch.manual_seed(8)
     prepared = ptq.prepare(nn.Sequential(nn.Linear(4, 3)), ptq.W8A8_STATIC)
     with pytest.raises(NotImplementedError, match="Observed.*qbook.ptq.convert"):
         export.to_onnx(prepared, randn(2, 4))
-    int8_out = QuantLinear.from_float(
-        nn.Linear(4, 3), activation="static", input_qparams=(0.1, 0), output="int8", output_qparams=(0.1, 0)
-    )
-    with pytest.raises(ValueError, match="output='int8'"):
-        export.to_onnx(int8_out, randn(2, 4))
     unsigned_dynamic = QuantLinear.from_float(nn.Linear(4, 3), act_spec=QuantSpec(8, False, symmetric=True))
     with pytest.raises(ValueError, match="unsigned"):
         export.to_onnx(unsigned_dynamic, randn(2, 4))
+    int8_out = QuantLinear.from_float(
+        nn.Linear(4, 3), activation="static", input_qparams=(0.1, 0), output="int8", output_qparams=(0.1, 0)
+    )
+    uint8_in = QuantLinear.from_float(
+        nn.Linear(3, 2), activation="static", act_spec=UINT8, input_qparams=(0.1, 128)
+    )
+    with pytest.raises(TypeError, match="codes of dtype torch.uint8.*got torch.int8"):
+        export.to_onnx(nn.Sequential(int8_out, uint8_in), randn(2, 4))
 
 
 @FAST
