@@ -20,9 +20,12 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "affine",
+    "awq",
     "bench",
     "data",
+    "export",
     "formats",
+    "gptq",
     "granularity",
     "intmath",
     "kernels",
@@ -34,7 +37,9 @@ _SUBMODULES = (
     "packing",
     "plot",
     "ptq",
+    "qat",
     "roofline",
+    "rotation",
 )
 
 # Top-level names -> the submodule that defines them.

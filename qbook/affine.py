@@ -270,7 +270,7 @@ def _check_zero_point(zero_point: object, qrange: tuple[int, int] | None) -> tor
 
 
 def _check_broadcast(param: torch.Tensor | float, shape: torch.Size, name: str) -> None:
-    if not isinstance(param, torch.Tensor):
+    if not isinstance(param, torch.Tensor) or param.shape == shape:  # the common case, without the cost below
         return
     try:
         ok = torch.broadcast_shapes(param.shape, shape) == shape

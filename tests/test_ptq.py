@@ -72,7 +72,7 @@ def test_presets() -> None:
         ({"activation": None, "dynamic": True}, "weight-only"),
         ({"weight": INT8}, "signed and symmetric"),
         ({"weight_granularity": PerGroup(1, 32)}, "PerChannel"),
-        ({"activation": QuantSpec(4, True)}, "8-bit"),
+        ({"activation": QuantSpec(16, True)}, "2..8-bit"),
         ({"activation": None, "weight_granularity": PerChannel(1)}, "PerGroup"),
     ],
 )
