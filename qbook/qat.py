@@ -378,8 +378,8 @@ class LearnedScaleFakeQuantize(_Quantizer):
     :class:`FakeQuantize` would. The zero point is the grid's own (0 on a signed symmetric grid; an affine
     grid's puts ``min(min x, 0)`` at ``qmin`` at initialisation) and stays fixed, unless
     ``learn_zero_point=True`` (LSQ+, Bhalgat et al., 2020): then it is a parameter too, rounded in the forward
-    pass, with gradient ``-s`` outside the grid and 0 inside (affine grids only). :meth:`freeze` stops
-    learning (``requires_grad=False``).
+    pass, with gradient ``-s`` outside the grid and 0 inside (affine grids only; LSQ+ initialises both from
+    the range, which is ``init="minmax"``). :meth:`freeze` stops learning (``requires_grad=False``).
 
     >>> w = torch.linspace(-1.0, 1.0, 101)
     >>> lsq = LearnedScaleFakeQuantize(QuantSpec(4, True, narrow_range=True, symmetric=True))

@@ -437,6 +437,21 @@ def test_convert_with_batch_norm_folded_during_training() -> None:
     assert float((exact.argmax(1) == y_test).double().mean()) > 0.8  # it learned something
 
 
+def test_prepare_qat_finds_the_batch_norms_of_the_digits_cnn() -> None:
+    model = with_statistics(DigitsCNN(batchnorm=True))
+    prepared = qat.prepare_qat(model, ptq.W4A4_STATIC, method="lsq")
+    assert [type(prepared.get_submodule(n)).__name__ for n in ("conv1", "bn1", "conv2", "bn2", "fc1")] == [
+        "QATConvBn2d", "Identity", "QATConvBn2d", "Identity", "QATLinear"
+    ]
+    folded = qat.fold_batchnorm(model)
+    x, _ = digits("calibration")
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    # the LSQ weight scales start from the folded weights (the weight inference uses)
+    w_fold = folded.conv2.weight.detach()
+    expected = 2 * w_fold.abs().reshape(32, -1).mean(1) / math.sqrt(7)
+    torch.testing.assert_close(prepared.conv2.weight_fake_quant.scale.detach().flatten(), expected)
+
+
 def test_fit_is_deterministic_and_leaves_global_state_alone() -> None:
     x, y = digits("calibration")
     histories = []
