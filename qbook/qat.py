@@ -12,7 +12,7 @@ API
   :func:`qbook.fake_quantize` (the clipped STE); :meth:`FakeQuantize.freeze` keeps the parameters.
 * :class:`LearnedScaleFakeQuantize` ``(spec=INT8, granularity=PerTensor(), *, learn_zero_point=False,
   init="lsq")``: LSQ (Esser et al., 2020): the scale is an ``nn.Parameter`` with the paper's gradient,
-  scaled by ``g = 1 / sqrt(N qmax)``; ``learn_zero_point=True`` learns the zero point too (LSQ+).
+  scaled by ``g = 1 / sqrt(N Q_P)``; ``learn_zero_point=True`` learns the zero point too (LSQ+).
   The math cores :func:`_lsq_forward` and :func:`_lsq_grads` are what chapter 8 shows.
 * :func:`prepare_qat` ``(model, config=W8A8_STATIC, *, method="fake" | "lsq", ...)``: every ``nn.Linear`` /
   ``nn.Conv2d`` becomes :class:`QATLinear` / :class:`QATConv2d` (weights per output channel on
@@ -290,8 +290,8 @@ class _LSQ(torch.autograd.Function):
         grad_x, grad_s, grad_z = _lsq_grads(grad.float(), x, scale, z, qmin, qmax)
         return (
             grad_x.to(grad.dtype),
-            _sum_to(grad_s, scale.shape) * g,
-            _sum_to(grad_z, z.shape) * g,
+            _sum_to(grad_s * g, scale.shape),  # g: a number, or one per scale (broadcasts against x)
+            _sum_to(grad_z * g, z.shape),
             None,
             None,
             None,
@@ -306,10 +306,10 @@ def lsq_fake_quantize(
     qmax: int,
     g: float | None = None,
 ) -> torch.Tensor:
-    """LSQ fake quantization (Esser et al., 2020) — chapter 8: forward
-    ``x_hat = s (clamp(round(x / s) + z, qmin, qmax) - z)``, backward :func:`_lsq_grads` for ``x``, ``s`` and
-    ``z`` (``z`` is rounded in the forward pass), the gradients of ``s`` and ``z`` multiplied by
-    ``g = 1 / sqrt(N qmax)`` (default), ``N`` = elements per scale. ``scale`` and ``zero_point`` broadcast
+    """LSQ fake quantization (Esser et al., 2020) — chapter 8: forward ``x_hat = s (clamp(round(x / s) + z,
+    qmin, qmax) - z)``, backward :func:`_lsq_grads` for ``x``, ``s`` and ``z`` (``z`` is rounded in the
+    forward pass), the gradients of ``s`` and ``z`` multiplied by ``g = 1 / sqrt(N Q_P)`` (default), ``N`` =
+    elements per scale, ``Q_P = qmax - z`` the levels above zero. ``scale`` and ``zero_point`` broadcast
     against ``x`` (per channel: ``(C, 1, ...)``).
 
     >>> s = torch.tensor(0.5, requires_grad=True)
@@ -343,9 +343,18 @@ def lsq_fake_quantize(
         raise ValueError(f"scale must be positive and finite, got {scale.detach().flatten()[:4].tolist()}")
     if bool(torch.isnan(x).any()):
         raise ValueError(f"x contains {int(torch.isnan(x).sum())} NaN value(s); NaN has no integer code")
-    if g is None:
-        g = 1.0 / math.sqrt(x.numel() / scale.numel() * qmax)
-    return _LSQ.apply(x, scale, zero_point, qmin, qmax, float(g))
+    if g is None:  # (shape of the scale / zero point): one g per scale
+        n = x.numel() / max(scale.numel(), zero_point.numel())
+        g = 1.0 / (n * _positive_levels(torch.round(zero_point.detach()), qmax)).sqrt()
+    else:
+        g = float(g)
+    return _LSQ.apply(x, scale, zero_point, qmin, qmax, g)
+
+
+def _positive_levels(zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    """LSQ's ``Q_P``, the grid's levels above zero: ``qmax - z`` (``qmax`` on a signed symmetric grid,
+    ``2^b - 1`` on an unsigned one with ``z = 0``, as in the paper), at least 1."""
+    return (qmax - zero_point).clamp(min=1.0)
 
 
 def _lsq_init(
@@ -353,15 +362,16 @@ def _lsq_init(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial ``(scale, zero_point)`` from a first batch ``x``, per group of ``granularity``.
 
-    ``init="lsq"``: the paper's ``s = 2 mean|x| / sqrt(qmax)``; ``"minmax"``: :func:`qbook.calc_qparams` of
-    the range. An affine grid's zero point puts the range's lower end ``min(min x, 0)`` at ``qmin`` as (3.3);
-    a symmetric grid's is the one :func:`qbook.calc_qparams` gives (0 when signed)."""
+    ``init="lsq"``: the paper's ``s = 2 mean|x| / sqrt(Q_P)``, ``Q_P = qmax - z`` the grid's levels above zero
+    (:func:`_positive_levels`); ``"minmax"``: :func:`qbook.calc_qparams` of the range. An affine grid's zero
+    point puts the range's lower end ``min(min x, 0)`` at ``qmin`` as (3.3); a symmetric grid's is the one
+    :func:`qbook.calc_qparams` gives (0 when signed)."""
     rows = granularity.groups(x)  # (G, n)
     xmin, xmax = (rows_to_params(v, granularity, x.shape) for v in (rows.amin(1), rows.amax(1)))
     scale, zero_point = calc_qparams(xmin, xmax, spec.qmin, spec.qmax, symmetric=spec.symmetric)
     if init == "lsq":
         mean_abs = rows_to_params(rows.abs().mean(1), granularity, x.shape)
-        scale = (2 * mean_abs / math.sqrt(spec.qmax)).clamp(min=_EPS)
+        scale = (2 * mean_abs / _positive_levels(zero_point.float(), spec.qmax).sqrt()).clamp(min=_EPS)
         if not spec.symmetric:
             zero_point = (spec.qmin - torch.round(xmin.clamp(max=0) / scale)).clamp(spec.qmin, spec.qmax)
     return scale, zero_point.float()
@@ -373,13 +383,14 @@ class LearnedScaleFakeQuantize(_Quantizer):
     ``scale`` is an ``nn.Parameter`` (one per tensor, or per channel with ``PerChannel(axis)``), trained with
     the rest of the network through :func:`lsq_fake_quantize`: forward ``x_hat = s (clamp(round(x / s) + z,
     qmin, qmax) - z)``, the paper's gradient ``d x_hat / d s`` (:func:`_lsq_grads`) scaled by ``g = 1 / sqrt(N
-    qmax)`` with ``N`` the elements per scale in the batch it sees. It is initialised from the first batch:
-    ``init="lsq"`` (default) as in the paper, ``2 mean|x| / sqrt(qmax)``; ``init="minmax"`` from the range, as
-    :class:`FakeQuantize` would. The zero point is the grid's own (0 on a signed symmetric grid; an affine
-    grid's puts ``min(min x, 0)`` at ``qmin`` at initialisation) and stays fixed, unless
-    ``learn_zero_point=True`` (LSQ+, Bhalgat et al., 2020): then it is a parameter too, rounded in the forward
-    pass, with gradient ``-s`` outside the grid and 0 inside (affine grids only; LSQ+ initialises both from
-    the range, which is ``init="minmax"``). :meth:`freeze` stops learning (``requires_grad=False``).
+    Q_P)`` with ``N`` the elements per scale in the batch it sees and ``Q_P = qmax - z`` the grid's levels
+    above zero. It is initialised from the first batch: ``init="lsq"`` (default) as in the paper, ``2 mean|x|
+    / sqrt(Q_P)``; ``init="minmax"`` from the range, as :class:`FakeQuantize` would. The zero point is the
+    grid's own (0 on a signed symmetric grid; an affine grid's puts ``min(min x, 0)`` at ``qmin`` at
+    initialisation) and stays fixed, unless ``learn_zero_point=True`` (LSQ+, Bhalgat et al., 2020): then it is
+    a parameter too, rounded in the forward pass, with gradient ``-s`` outside the grid and 0 inside (affine
+    grids only; LSQ+ initialises both from the range, which is ``init="minmax"``). :meth:`freeze` stops
+    learning (``requires_grad=False``).
 
     >>> w = torch.linspace(-1.0, 1.0, 101)
     >>> lsq = LearnedScaleFakeQuantize(QuantSpec(4, True, narrow_range=True, symmetric=True))
@@ -843,7 +854,7 @@ def prepare_qat(
     (``observer``, default :class:`~qbook.observers.MovingAverageObserver`; ``config.observer`` is PTQ's
     calibration observer and is not used). ``method="lsq"``: :class:`LearnedScaleFakeQuantize` — weight scales
     initialised now from the (folded) weights, input scales from the first batch, both as ``init`` says
-    (``"lsq"``: the paper's ``2 mean|x| / sqrt(qmax)``; ``"minmax"``: the range); ``learn_zero_point=True``
+    (``"lsq"``: the paper's ``2 mean|x| / sqrt(Q_P)``; ``"minmax"``: the range); ``learn_zero_point=True``
     learns affine input zero points (LSQ+).
 
     Returns a copy in training mode (``inplace=True``: the model itself).

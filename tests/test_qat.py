@@ -137,7 +137,7 @@ def test_lsq_forward_equals_fake_quantize_and_gradients_match_the_paper(spec: Qu
     y = qat.lsq_fake_quantize(x, s, zp, spec.qmin, spec.qmax)
     assert torch.equal(y.detach(), fake_quantize(x.detach(), 0.37, int(z), spec.qmin, spec.qmax))
     (y * w).sum().backward()
-    g = 1 / math.sqrt(500 * spec.qmax)
+    g = 1 / math.sqrt(500 * (spec.qmax - z))  # Q_P = qmax - z: the levels above zero
     ds, dz = lsq_reference(x.detach(), 0.37, z, spec.qmin, spec.qmax, w)
     assert s.grad.item() == pytest.approx(ds * g, rel=1e-5, abs=1e-6)
     assert zp.grad.item() == pytest.approx(dz * g, rel=1e-5, abs=1e-6)
@@ -238,6 +238,22 @@ def test_learned_scale_module_initialises_learns_and_freezes() -> None:
     assert not lsq.learning
     out = lsq(x)
     assert not out.requires_grad
+
+
+def test_lsq_counts_the_levels_above_zero() -> None:
+    """``Q_P = qmax - z``: a signed affine grid on non-negative data (``z = qmin``) has the levels of the
+    unsigned grid, and LSQ treats the two alike (initial scale, output, gradient scale)."""
+    x = randn(300).abs()
+    outputs, grads = [], []
+    for spec in (QuantSpec(4, False), QuantSpec(4, True)):
+        lsq = qat.LearnedScaleFakeQuantize(spec)
+        y = lsq(x)
+        assert lsq.scale.item() == pytest.approx(2 * x.mean().item() / math.sqrt(15), rel=1e-6)
+        assert lsq.zero_point.item() == spec.qmin
+        (y * x).sum().backward()
+        outputs.append(y.detach())
+        grads.append(lsq.scale.grad.item())
+    assert torch.equal(outputs[0], outputs[1]) and grads[0] == pytest.approx(grads[1], rel=1e-6)
 
 
 def test_learned_zero_point_is_a_parameter_and_rounds() -> None:
