@@ -87,6 +87,7 @@ __all__ = ["OPSET", "SUPPORTED", "run", "session_options", "to_onnx"]
 OPSET = 21
 
 Runtime = Literal["onnxruntime", "reference"]
+QuantFormat = Literal["integer", "qdq"]
 
 
 def _onnx() -> Any:
@@ -124,8 +125,9 @@ class _Value:
 class _Graph:
     """Collects nodes and initializers; names every tensor uniquely."""
 
-    def __init__(self, dynamic_batch: bool) -> None:
+    def __init__(self, dynamic_batch: bool, quant_format: str = "integer") -> None:
         self.nodes: list[Any] = []
+        self.quant_format = quant_format
         self.initializers: list[Any] = []
         self.dynamic_batch = dynamic_batch
         self.scope = "graph"
@@ -267,6 +269,26 @@ def _static_conv(g: _Graph, q: str, module: QuantConv2d) -> str:
     return _static_epilogue(g, acc, module, (-1, 1, 1))
 
 
+def _qdq_static(g: _Graph, q: str, module: QuantLinear | QuantConv2d) -> str:
+    """The QDQ form of (7.1): the float operator between ``DequantizeLinear`` nodes,
+    ``y = (s_x (q_x - z_x)) * (s_w q_w) + s_x s_w b_q``. It is (7.1) in exact arithmetic; in float32 the sums
+    round in another order, so outputs agree with qbook's to float rounding, not bit for bit."""
+    zp = g.const(torch.tensor(int(module.input_zero_point), dtype=module.act_spec.dtype), "zp")
+    x_hat = g.op("DequantizeLinear", q, g.const(module.input_scale.reshape(()), "scale"), zp)  # (3.2)
+    bias = None
+    if module.bias is not None:  # int32 codes on the accumulator's grid s_x s_w, one scale per channel
+        acc_scale = g.const(module.acc_scale, "acc_scale")
+        bias = g.op("DequantizeLinear", g.const(module.bias, "bias_q"), acc_scale, axis=0)
+    w_scale = g.const(module.weight_scale, "weight_scale")
+    if isinstance(module, QuantConv2d):  # (O, C, kh, kw), one scale per output channel: axis 0
+        w = g.op("DequantizeLinear", g.const(module.weight, "weight"), w_scale, axis=0)
+        return _conv(g, x_hat, w, bias, module)
+    weight_t = module.weight.t().contiguous()  # (K, N) int8, one scale per column: axis 1
+    w_t = g.op("DequantizeLinear", g.const(weight_t, "weight_t"), w_scale, axis=1)
+    y = g.op("MatMul", x_hat, w_t)
+    return y if bias is None else g.op("Add", y, bias)
+
+
 def _per_token(g: _Graph, rows: str, spec: QuantSpec) -> tuple[str, str]:
     """(7.2)'s run-time step on the last axis: ``s = max(max_k |x_k| / ((qmax - qmin) / 2), eps)``,
     ``q = int8(round(x / s))`` (clamped to ``[qmin, qmax]`` unless the grid is narrow, as in qbook)."""
@@ -364,15 +386,19 @@ def _padded_codes(module: WeightOnlyLinear | WeightOnlyConv2d) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _linear(g: _Graph, x: str, weight_t: str, bias: torch.Tensor | None) -> str:
+def _bias(g: _Graph, bias: torch.Tensor | str) -> str:
+    return bias if isinstance(bias, str) else g.const(bias.detach().float(), "bias")
+
+
+def _linear(g: _Graph, x: str, weight_t: str, bias: torch.Tensor | str | None) -> str:
     y = g.op("MatMul", x, weight_t)
-    return y if bias is None else g.op("Add", y, g.const(bias.detach().float(), "bias"))
+    return y if bias is None else g.op("Add", y, _bias(g, bias))
 
 
-def _conv(g: _Graph, x: str, weight: str, bias: torch.Tensor | None, geometry: Any) -> str:
+def _conv(g: _Graph, x: str, weight: str, bias: torch.Tensor | str | None, geometry: Any) -> str:
     (ph, pw), inputs = geometry.padding, [x, weight]
     if bias is not None:
-        inputs.append(g.const(bias.detach().float(), "bias"))
+        inputs.append(_bias(g, bias))
     return g.op(
         "Conv",
         *inputs,
@@ -439,6 +465,13 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
                 q = x.name
             else:
                 raise TypeError(f"{who} takes float32 inputs or {module.act_spec.dtype} codes, got {x.dtype}")
+            if g.quant_format == "qdq":
+                if module.output != "float":
+                    raise NotImplementedError(
+                        f"{who} has output='int8': its fixed-point requantization (9.5) has no QDQ form that "
+                        "rounds like qbook; export it with quant_format='integer'"
+                    )
+                return _qdq_static(g, q, module)
             return _static_conv(g, q, module) if conv else _static_linear(g, q, module)
         if x.dtype != torch.float32:
             raise TypeError(f"{who} (dynamic) takes float32 inputs, got {x.dtype}")
@@ -641,16 +674,31 @@ def to_onnx(
     opset: int = OPSET,
     check: bool = True,
     dynamic_batch: bool = True,
+    quant_format: QuantFormat = "integer",
 ) -> Any:
-    """Export ``model`` (float32 input ``(B, ...)``, one float32 output) as an ``onnx.ModelProto`` — ch. 8.
+    """Export ``model`` (float32 input ``(B, ...)``, one output) as an ``onnx.ModelProto`` — chapter 8.
 
     The model is traced with ``torch.fx`` on ``example_input`` (qbook's modules are leaves); each operation
     becomes the nodes of the module docstring's table. ``path`` (optional) is where the model is saved;
     ``opset`` ≥ 21; ``check`` runs ``onnx.checker.check_model`` (with full shape inference);
     ``dynamic_batch`` names the first dimension ``"batch"`` so any batch size runs (shapes other than the
     batch are fixed by ``example_input``). Dropout and batch norm are exported as in eval mode, and refused
-    while they are in training mode. An operation outside
-    :data:`SUPPORTED` raises ``NotImplementedError`` naming it.
+    while they are in training mode. An operation outside :data:`SUPPORTED` raises ``NotImplementedError``
+    naming it.
+
+    ``quant_format="integer"`` (default) writes static layers with integer operators, bit-exact to qbook;
+    ``"qdq"`` writes them as ``QuantizeLinear → DequantizeLinear → float MatMul/Conv`` with dequantized
+    weights and bias (:func:`_qdq_static`), the interchange form other toolchains consume, equal to qbook's
+    outputs up to float rounding. Dynamic and weight-only layers are the same in both.
+
+    A dynamic layer (7.2) ``y = s_x[m] s_w[n] acc_mn + b[n]``: the per-token scale and codes, the integer
+    matmul, then the epilogue in qbook's order:
+
+    >>> import torch
+    >>> from qbook.nn import QuantLinear
+    >>> proto = to_onnx(QuantLinear.from_float(torch.nn.Linear(3, 2)), torch.ones(1, 3))
+    >>> [node.op_type for node in proto.graph.node]  # doctest: +NORMALIZE_WHITESPACE
+    ['Abs', 'ReduceMax', 'Div', 'Max', 'Div', 'Round', 'Cast', 'MatMulInteger', 'Cast', 'Mul', 'Mul', 'Add']
     """
     onnx = _onnx()
     if not isinstance(model, nn.Module):
@@ -663,10 +711,12 @@ def to_onnx(
         raise TypeError(f"path must be a str, an os.PathLike or None, got {path!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 21:
         raise ValueError(f"opset must be an int >= 21 (block-wise DequantizeLinear, int4), got {opset!r}")
+    if quant_format not in ("integer", "qdq"):
+        raise ValueError(f"quant_format must be 'integer' or 'qdq', got {quant_format!r}")
     for name, flag in (("check", check), ("dynamic_batch", dynamic_batch)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    proto = _export(model, example_input, opset, dynamic_batch)
+    proto = _export(model, example_input, opset, dynamic_batch, quant_format)
     if check:
         onnx.checker.check_model(proto, full_check=True)
     if path is not None:
@@ -674,7 +724,9 @@ def to_onnx(
     return proto
 
 
-def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> Any:
+def _export(
+    model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool, quant_format: str
+) -> Any:
     onnx = _onnx()
     helper = onnx.helper
     tracer = _Tracer()
@@ -694,7 +746,7 @@ def _export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: 
         if type(cause) in (TypeError, ValueError, RuntimeError, NotImplementedError, OverflowError):
             raise type(cause)(f"the model fails on example_input: {cause}") from e
         raise
-    g = _Graph(dynamic_batch)
+    g = _Graph(dynamic_batch, quant_format)
     values: dict[str, _Value] = {}
     inputs, outputs = [], []
     modules = dict(graph_module.named_modules())

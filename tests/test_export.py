@@ -336,6 +336,37 @@ def test_qat_converted_low_bit_model_exact(digits_cnn):
     assert "Clip" in [n.op_type for n in proto.graph.node]
 
 
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("act_spec, qparams", [(INT8, (0.03, -5)), (QuantSpec(4, True), (0.2, 1))])
+def test_qdq_format_static_layers(conv, act_spec, qparams):
+    """quant_format="qdq": QuantizeLinear → DequantizeLinear → float operator with dequantized weights and
+    bias; equal to qbook up to float32 rounding of the sums."""
+    torch.manual_seed(10)
+    float_layer = nn.Conv2d(3, 5, 3, padding=1) if conv else nn.Linear(27, 5)
+    layer = (QuantConv2d if conv else QuantLinear).from_float(
+        float_layer, activation="static", act_spec=act_spec, input_qparams=qparams
+    )
+    x = randn(4, 3, 6, 6) if conv else randn(4, 27)
+    proto = export.to_onnx(layer, x, quant_format="qdq")
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("DequantizeLinear") == 3 and ("Conv" if conv else "MatMul") in ops
+    assert not {"ConvInteger", "MatMulInteger"} & set(ops)
+    expected = layer(x)
+    for runtime in ("onnxruntime", "reference"):
+        torch.testing.assert_close(export.run(proto, x, runtime=runtime), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qdq_format_digits_cnn(digits_int8):
+    """QDQ on the digits CNN: every argmax agrees. Its float sums can land a value on the other side of the
+    next layer's rounding boundary, and then an output moves by many steps (0.02 seen on a less trained CNN;
+    5.7e-6 here), hence the loose bound; the integer format is exact
+    (test_digits_cnn_onnxruntime_equals_qbook)."""
+    model, x, expected = digits_int8
+    y = export.run(export.to_onnx(model, x[:8], quant_format="qdq"), x)
+    assert torch.equal(y.argmax(1), expected.argmax(1))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0.05)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------------
@@ -389,6 +420,8 @@ def test_unconverted_and_unsupported_layers_are_refused():
     )
     with pytest.raises(TypeError, match="codes of dtype torch.uint8.*got torch.int8"):
         export.to_onnx(nn.Sequential(int8_out, uint8_in), randn(2, 4))
+    with pytest.raises(NotImplementedError, match="quant_format='integer'"):
+        export.to_onnx(int8_out, randn(2, 4), quant_format="qdq")
 
 
 @FAST
@@ -411,6 +444,8 @@ def test_bad_arguments():
         export.to_onnx(lambda t: t, x)
     with pytest.raises(TypeError, match="path"):
         export.to_onnx(nn.Linear(4, 3), x, 3)
+    with pytest.raises(ValueError, match="quant_format"):
+        export.to_onnx(nn.Linear(4, 3), x, quant_format="QOperator")
     with pytest.raises(TypeError, match="check"):
         export.to_onnx(nn.Linear(4, 3), x, check="yes")
     with pytest.raises(ValueError, match="batch dimension"):
