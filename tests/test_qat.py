@@ -495,7 +495,9 @@ def test_prepare_qat_leaves_the_model_alone_and_skips() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     before = copy.deepcopy(model.state_dict())
-    prepared = qat.prepare_qat(model, ptq.W4A4_STATIC, skip=["2"])
+    state = torch.random.get_rng_state()
+    prepared = qat.prepare_qat(model, ptq.W4A4_STATIC, skip=["2"], method="lsq")
+    assert torch.equal(torch.random.get_rng_state(), state)  # no random initialisation of the copies
     assert isinstance(prepared[0], qat.QATLinear) and type(prepared[2]) is nn.Linear
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert prepared.training
