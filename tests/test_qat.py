@@ -527,6 +527,20 @@ def test_low_bit_configs_and_integer_modules() -> None:
     assert torch.equal(q(x), acc.float() * q.acc_scale)
 
 
+def test_low_bit_dynamic_quant_linear_matches_its_definition() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 3)
+    spec = QuantSpec(4, True, narrow_range=True, symmetric=True)
+    q = QuantLinear.from_float(layer, act_spec=spec, weight_spec=spec)
+    x = randn(6, 16)
+    s_x = x.abs().amax(dim=1, keepdim=True) / 7  # (7.2) with Q = 7: one scale per token
+    q_x = quantize(x, s_x, 0, -7, 7, granularity=PerChannel(0))
+    acc = q_x.long() @ q.weight.long().T  # naive int64
+    expected = acc.float() * s_x * q.weight_scale + layer.bias.detach()
+    torch.testing.assert_close(q(x), expected, rtol=1e-6, atol=1e-6)
+    assert repr(q) == "QuantLinear(16→3, W4 per-channel sym, A4 per-token dyn)"
+
+
 def test_integer_modules_take_given_weight_scales() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3)
