@@ -109,8 +109,8 @@ _NP_TO_ONNX = {
     np.dtype(np.int32): 6,
     np.dtype(np.int64): 7,
 }
-_FLOAT, _INT32, _INT64 = 1, 6, 7
-_INT4, _UINT4 = 22, 21  # TensorProto.INT4, TensorProto.UINT4
+_FLOAT, _UINT8, _INT8, _INT64 = 1, 2, 3, 7  # TensorProto's numbers (onnx is imported only when used)
+_INT4, _UINT4 = 22, 21
 
 
 @dataclass(frozen=True)
@@ -239,15 +239,14 @@ def _requantize(g: _Graph, acc: str, module: QuantLinear | QuantConv2d, shape: t
     y = g.op("Add", quotient, g.op("Cast", g.op("Greater", remainder, threshold), to=_INT64))  # RDBPOT
     y = g.op("Add", y, c(int(module.output_zero_point), "output_zp"))
     y = g.op("Clip", y, c(-128, "qmin"), c(127, "qmax"))
-    return g.op("Cast", y, to=3)  # int8
+    return g.op("Cast", y, to=_INT8)
 
 
 def _static_linear(g: _Graph, q: str, module: QuantLinear) -> str:
     """(7.1): ``MatMulInteger`` (int32 ``sum_k (q_x - z_x) q_w``) on the codes ``q``, then the epilogue."""
-    z_x = module.act_spec.dtype  # the codes' type
     weight_t = module.weight.t().contiguous()  # (K, N) int8
-    zp = g.const(torch.tensor(int(module.input_zero_point), dtype=z_x), "zp")
-    acc = g.op("MatMulInteger", q, g.const(weight_t, "weight_t"), zp)
+    zp = g.const(torch.tensor(int(module.input_zero_point), dtype=module.act_spec.dtype), "zp")  # z_x
+    acc = g.op("MatMulInteger", q, g.const(weight_t, "weight_t"), zp)  # (..., N) int32
     return _static_epilogue(g, acc, module, (-1,))
 
 
@@ -301,7 +300,7 @@ def _per_token(g: _Graph, rows: str, spec: QuantSpec) -> tuple[str, str]:
         codes = g.op(
             "Clip", codes, g.const(np.float32(spec.qmin), "qmin"), g.const(np.float32(spec.qmax), "qmax")
         )
-    return g.op("Cast", codes, to=3), scale  # int8 codes: exact, |codes| <= 127
+    return g.op("Cast", codes, to=_INT8), scale  # exact: integral values of the grid
 
 
 def _dynamic_matmul(g: _Graph, rows: str, module: QuantLinear | QuantConv2d) -> str:
@@ -348,7 +347,7 @@ def _dequantized_weight(g: _Graph, module: WeightOnlyLinear | WeightOnlyConv2d) 
     """``s_w (q_w - z_w)`` (3.2) as one ``DequantizeLinear`` with block quantization (opset 21): codes
     ``(N, Kp)`` (int4 stays int4), scales ``(N, Kp / g)``; a ``Slice`` drops the zero codes that pad ``K``."""
     spec, k, kp = module.spec, module.in_features, module.padded_features
-    codes = module.codes() if kp == k else _padded_codes(module)  # (N, Kp)
+    codes = _padded_codes(module)  # (N, Kp)
     if module.bits == 4:
         onnx_type = _INT4 if spec.signed else _UINT4
         dtype = np.dtype(np.int8 if spec.signed else np.uint8)
@@ -374,6 +373,7 @@ def _dequantized_weight(g: _Graph, module: WeightOnlyLinear | WeightOnlyConv2d) 
 
 
 def _padded_codes(module: WeightOnlyLinear | WeightOnlyConv2d) -> torch.Tensor:
+    """The stored codes, unpacked, with the padding of ``K`` to whole groups: ``(N, Kp)``."""
     from qbook.packing import unpack
 
     if module.bits == 8:
@@ -533,8 +533,8 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
     hint = ""
     if type(module).__module__.startswith("qbook."):
         hint = (
-            " (a prepared or QAT model: convert it to integer modules first, with qbook.ptq.convert or "
-            "qbook.qat.convert)"
+            " (a prepared, QAT or simulated layer: convert the model to qbook.nn's integer modules first, "
+            "with qbook.ptq.convert, qbook.qat.convert or FakeQuantLinear.to_integer)"
         )
     raise NotImplementedError(
         f"{who}: {type(module).__module__}.{type(module).__name__} is not supported by qbook.export{hint}; "
@@ -612,8 +612,8 @@ def _function_handler(g: _Graph, node: fx.Node, args: list[Any], kwargs: dict[st
     if key in _BINARY and len(args) == 2 and not kwargs:
         a, b = (_operand(g, v, who) for v in args)
         return g.op(_BINARY[key], a, b)
-    if key in _RESHAPES:
-        return _reshape(g, _tensor(args[0], who), out.shape)
+    if key in _RESHAPES and out.dtype == _tensor(args[0], who).dtype:  # not x.view(dtype)
+        return _reshape(g, args[0], out.shape)
     if key in _MAXPOOL:
         params = (
             inspect.signature(_max_pool).bind(g, _tensor(args[0], who).name, *args[1:], **kwargs).arguments
@@ -697,7 +697,7 @@ def to_onnx(
     >>> import torch
     >>> from qbook.nn import QuantLinear
     >>> proto = to_onnx(QuantLinear.from_float(torch.nn.Linear(3, 2)), torch.ones(1, 3))
-    >>> [node.op_type for node in proto.graph.node]  # doctest: +NORMALIZE_WHITESPACE
+    >>> [node.op_type for node in proto.graph.node]
     ['Abs', 'ReduceMax', 'Div', 'Max', 'Div', 'Round', 'Cast', 'MatMulInteger', 'Cast', 'Mul', 'Mul', 'Add']
     """
     onnx = _onnx()
@@ -776,7 +776,7 @@ def _export(
             if not isinstance(result, fx.Node):
                 raise NotImplementedError("qbook.export takes models with one tensor output")
             v = values[result.name]
-            types = {torch.float32: _FLOAT, torch.int8: 3, torch.uint8: 2}
+            types = {torch.float32: _FLOAT, torch.int8: _INT8, torch.uint8: _UINT8}
             if v.dtype not in types:
                 raise NotImplementedError(
                     f"the model's output must be float32 (or int8 codes), got {v.dtype}"
