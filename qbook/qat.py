@@ -748,8 +748,8 @@ class QATConvBn2d(nn.Module, _QATLayer):
     ``y = BN_batch(conv(x_hat, fq(W')) sqrt(running_var + eps) / gamma + b)``.
 
     In eval mode, or after :meth:`freeze_bn`, it is the folded conv with running statistics,
-    ``y = conv(x_hat, fq(W')) + b_hat'`` with the folded bias on the int32 grid — exactly what
-    :func:`convert` computes in integers.
+    ``y = conv(x_hat, fq(W')) + b_hat'`` with the folded bias on the int32 grid: the codes and the bias that
+    :func:`convert` gives the integer module (the two differ only in float rounding).
     """
 
     def __init__(
