@@ -183,10 +183,11 @@ def _reshape(g: _Graph, x: _Value, shape: Sequence[int]) -> str:
 
 
 def _storage(spec: QuantSpec, who: str) -> tuple[np.dtype, int, int]:
-    """The 8-bit type that holds the grid's codes, and its range."""
-    if spec.signed and spec.qmin >= -128 and spec.qmax <= 127:
+    """The 8-bit type that holds the grid's codes in qbook (``spec.dtype``: int8, or uint8 for unsigned
+    grids beyond 127), and its range."""
+    if spec.dtype == torch.int8:
         return np.dtype(np.int8), -128, 127
-    if not spec.signed and spec.qmax <= 255:
+    if spec.dtype == torch.uint8:
         return np.dtype(np.uint8), 0, 255
     raise ValueError(f"{who}: ONNX integer operators take int8 or uint8 codes; the grid {spec} does not fit")
 
