@@ -252,8 +252,8 @@ def test_weight_only_linear(bits, group_size, spec):
     assert weight.data_type == (
         (onnx.TensorProto.INT4 if layer.spec.signed else onnx.TensorProto.UINT4)
         if bits == 4
-        else (onnx.TensorProto.INT8 if layer.spec.signed else onnx.TensorProto.UINT8)
-    )
+        else (onnx.TensorProto.INT8 if layer.spec.dtype == torch.int8 else onnx.TensorProto.UINT8)
+    )  # qbook's code dtype: int8 holds an unsigned 2-bit grid [0, 3]
     extra, names = _with_outputs(proto, "DequantizeLinear")
     y, w = _ort_run(extra, x)
     w = torch.from_numpy(w)[:, :40]
