@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from qbook.affine import INT8, INT8_SYMMETRIC, QuantSpec, calc_qparams, dequantize, quantize
 from qbook.granularity import PerChannel, PerGroup, minmax
-from qbook.intmath import int_matmul, quantize_bias, quantize_multipliers, requantize
+from qbook.intmath import _blas_layout, int_matmul, quantize_bias, quantize_multipliers, requantize
 from qbook.kernels import int8_matmul
 from qbook.packing import pack, unpack
 
@@ -470,7 +470,7 @@ class _IntegerMatmul(QuantModule):
         """The integer core on rows (M, K): quantize (unless ``quantized``), accumulate, epilogue. Integer
         arithmetic has no gradient: the input is detached."""
         rows = rows.detach()
-        weight_t = self.weight.view(self.out_features, -1).t()  # (K, N) int8
+        weight_t = _blas_layout(self.weight.view(self.out_features, -1).t())  # (K, N) int8, _int_mm-safe
         if self.activation == "dynamic":  # (7.2)
             qmin, qmax = self.act_spec.qmin, self.act_spec.qmax
             if rows.is_cpu and _INT_MM_CPU:
@@ -570,7 +570,8 @@ class QuantLinear(_IntegerMatmul):
             and x.is_cpu
         ):  # dynamic int8 on the CPU: the short path
             rows = x.detach().reshape(-1, self.in_features)  # (M, K)
-            y = _dynamic_cpu(rows, self.weight.t(), self.weight_scale, self.bias, -127, 127, "QuantLinear")
+            weight_t = _blas_layout(self.weight.t())  # (K, N), a free view with strides _int_mm reads
+            y = _dynamic_cpu(rows, weight_t, self.weight_scale, self.bias, -127, 127, "QuantLinear")
             return y.view(*x.shape[:-1], self.out_features)
         _check_float_input(x, type(self).__name__, f"(..., {self.in_features})")
         if x.ndim == 0 or x.shape[-1] != self.in_features:

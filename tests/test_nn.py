@@ -431,3 +431,16 @@ def _int_linear() -> nn.Module:
     layer = nn.Linear(4, 2)
     layer.weight = nn.Parameter(torch.zeros(2, 4, dtype=torch.int32), requires_grad=False)
     return layer
+
+
+@pytest.mark.parametrize("N", [1, 2, 5])
+def test_one_input_feature_or_channel(N: int) -> None:
+    """K = 1: the transposed weight (1, N) has strides (1, 1), which CPU ``torch._int_mm`` misreads (garbage
+    output, found by the export tests); the modules hand it canonical strides. With one input per output the
+    dynamic codes are exact (x and w each map to ±127), so the result is the float layer's within rounding."""
+    torch.manual_seed(0)
+    x = qbook.data.randn(4, 1) * 10
+    linear = nn.Linear(1, N)
+    assert torch.allclose(QuantLinear.from_float(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+    conv, images = nn.Conv2d(1, N, 1), qbook.data.randn(2, 1, 3, 3)
+    assert torch.allclose(QuantConv2d.from_float(conv)(images), conv(images), rtol=1e-5, atol=1e-5)
