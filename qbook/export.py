@@ -23,8 +23,9 @@ QuantLinear / QuantConv2d (dynamic)        per-token scale ``ReduceMax(Abs)`` â†
 :class:`~qbook.nn.WeightOnlyConv2d`        int4 codes stay int4) â†’ float ``MatMul`` / ``Conv`` (QDQ)
 =========================================  ===================================================================
 
-plus the float operations of small networks: ``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``, ReLU,
-sigmoid, tanh, max pooling, flatten/reshape, ``+ - * /`` (:data:`SUPPORTED` lists them all).
+plus the float operations of small networks: ``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``, ReLU (also
+ReLU6 and leaky), sigmoid, tanh, max and average pooling, flatten/reshape, ``+ - * /`` (:data:`SUPPORTED`
+lists them all).
 
 **Integer operators where they are exact.** ONNX defines ``QuantizeLinear`` as qbook's (3.1) (true division,
 round half to even, add the zero point, saturate); ``MatMulInteger`` and ``ConvInteger`` accumulate
@@ -438,6 +439,34 @@ def _max_pool(
     )
 
 
+def _avg_pool(
+    g: _Graph,
+    x: str,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Any = None,
+) -> str:
+    from qbook.nn import _pair
+
+    if divisor_override is not None:
+        raise NotImplementedError("avg_pool2d(divisor_override=...) has no ONNX equivalent")
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None or stride == [] else _pair(stride, "stride")
+    p = _pair(padding, "padding")
+    return g.op(
+        "AveragePool",
+        x,
+        kernel_shape=list(k),
+        strides=list(s),
+        pads=[p[0], p[1], p[0], p[1]],
+        ceil_mode=int(bool(ceil_mode)),
+        count_include_pad=int(bool(count_include_pad)),
+    )
+
+
 # --------------------------------------------------------------------------------------------------------
 # Tracing and dispatch
 # --------------------------------------------------------------------------------------------------------
@@ -514,6 +543,26 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
             for t, n in zip(tensors, ("gamma", "beta", "mean", "var"), strict=True)
         ]
         return g.op("BatchNormalization", x.name, *names, epsilon=float(module.eps))
+    if type(module) is nn.AvgPool2d:
+        if module.divisor_override is not None:
+            raise NotImplementedError(f"{who}: AvgPool2d(divisor_override=...) has no ONNX equivalent")
+        return _avg_pool(
+            g,
+            x.name,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.ceil_mode,
+            module.count_include_pad,
+        )
+    if type(module) is nn.AdaptiveAvgPool2d:
+        if module.output_size not in (1, (1, 1), [1, 1]):
+            raise NotImplementedError(f"{who}: AdaptiveAvgPool2d is exported for output size 1 only")
+        return g.op("GlobalAveragePool", x.name)
+    if type(module) is nn.LeakyReLU:
+        return g.op("LeakyRelu", x.name, alpha=float(module.negative_slope))
+    if type(module) is nn.ReLU6:
+        return g.op("Clip", x.name, g.const(np.float32(0), "min"), g.const(np.float32(6), "max"))
     if type(module) is nn.MaxPool2d:
         return _max_pool(
             g,
@@ -581,7 +630,6 @@ _BINARY: dict[Any, str] = {
     for target in (getattr(operator, python), getattr(torch, name), name)
 }
 _RESHAPES = (torch.flatten, torch.reshape, "flatten", "reshape", "view")
-_MAXPOOL = (F.max_pool2d, torch.max_pool2d)
 
 
 def _name_of(target: Any) -> str:
@@ -597,11 +645,15 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
         ),
         *(
             f"nn.{name}"
-            for name in "Linear Conv2d BatchNorm2d MaxPool2d Flatten Unflatten Identity Dropout".split()
+            for name in "Linear Conv2d BatchNorm2d MaxPool2d AvgPool2d AdaptiveAvgPool2d Flatten Unflatten "
+            "Identity Dropout".split()
         ),
-        *(f"nn.{name}" for name in "ReLU Sigmoid Tanh".split()),
+        *(f"nn.{name}" for name in "ReLU ReLU6 LeakyReLU Sigmoid Tanh".split()),
     ),
-    "functions": tuple("relu sigmoid tanh add sub mul div max_pool2d flatten reshape view".split()),
+    "functions": tuple(
+        "relu sigmoid tanh add sub mul div max_pool2d avg_pool2d adaptive_avg_pool2d(x, 1) flatten reshape "
+        "view".split()
+    ),
 }
 
 
@@ -615,11 +667,13 @@ def _function_handler(g: _Graph, node: fx.Node, args: list[Any], kwargs: dict[st
         return g.op(_BINARY[key], a, b)
     if key in _RESHAPES and out.dtype == _tensor(args[0], who).dtype:  # not x.view(dtype)
         return _reshape(g, args[0], out.shape)
-    if key in _MAXPOOL:
-        params = (
-            inspect.signature(_max_pool).bind(g, _tensor(args[0], who).name, *args[1:], **kwargs).arguments
-        )
-        return _max_pool(**params)
+    pools = {F.max_pool2d: _max_pool, torch.max_pool2d: _max_pool, F.avg_pool2d: _avg_pool}
+    if key in pools:
+        pool = pools[key]
+        params = inspect.signature(pool).bind(g, _tensor(args[0], who).name, *args[1:], **kwargs).arguments
+        return pool(**params)
+    if key is F.adaptive_avg_pool2d and len(args) == 2 and args[1] in (1, (1, 1), [1, 1]) and not kwargs:
+        return g.op("GlobalAveragePool", _tensor(args[0], who).name)
     raise NotImplementedError(
         f"{who} is not supported by qbook.export (or not with these arguments: {len(args)} positional, "
         f"keywords {sorted(kwargs)}); supported functions and methods: {', '.join(SUPPORTED['functions'])}"
@@ -710,8 +764,12 @@ def to_onnx(
         raise ValueError("example_input must have a batch dimension, got a 0-d tensor")
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str, an os.PathLike or None, got {path!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 21:
-        raise ValueError(f"opset must be an int >= 21 (block-wise DequantizeLinear, int4), got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 21 <= opset <= newest:
+        raise ValueError(
+            f"opset must be an int in 21..{newest} (21: block-wise DequantizeLinear, int4; {newest}: the "
+            f"newest this onnx knows), got {opset!r}"
+        )
     if quant_format not in ("integer", "qdq"):
         raise ValueError(f"quant_format must be 'integer' or 'qdq', got {quant_format!r}")
     for name, flag in (("check", check), ("dynamic_batch", dynamic_batch)):

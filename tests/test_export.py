@@ -309,6 +309,30 @@ def test_mixed_float_and_integer_model(tmp_path):
     torch.testing.assert_close(export.run(proto, x, runtime="reference"), expected, rtol=1e-5, atol=1e-5)
 
 
+class _Pools(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.avg = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.leaky, self.relu6 = nn.LeakyReLU(0.1), nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu6(self.avg(self.leaky(x) * 4))
+        x = F.avg_pool2d(x, 2, ceil_mode=True) + F.adaptive_avg_pool2d(x, 1)
+        return self.gap(x).flatten(1)
+
+
+def test_pooling_and_more_activations():
+    x = randn(2, 3, 9, 9)
+    proto = export.to_onnx(_Pools(), x)
+    assert {"AveragePool", "GlobalAveragePool", "LeakyRelu", "Clip"} <= {n.op_type for n in proto.graph.node}
+    expected = _Pools()(x)
+    torch.testing.assert_close(export.run(proto, x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(export.run(proto, x, runtime="reference"), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="output size 1"):
+        export.to_onnx(nn.AdaptiveAvgPool2d(2), x)
+
+
 def test_dynamic_batch(digits_int8):
     model, x, expected = digits_int8
     proto = export.to_onnx(model, x[:2])
@@ -468,7 +492,11 @@ def test_example_input_must_be_float32(dtype):
 
 
 @FAST
-@given(opset=st.one_of(st.integers(-5, 20), st.floats(21, 30), st.just(True), st.just("21")))
+@given(
+    opset=st.one_of(
+        st.integers(-5, 20), st.integers(100, 200), st.floats(21, 30), st.just(True), st.just("21")
+    )
+)
 def test_bad_opset(opset):
     with pytest.raises(ValueError, match="opset"):
         export.to_onnx(nn.Linear(4, 3), randn(2, 4), opset=opset)
