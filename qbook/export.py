@@ -35,6 +35,11 @@ for dynamic), so onnxruntime reproduces qbook's outputs bit for bit — the test
 the weight-only modules and float layers differ, by float rounding, because their matmuls sum in another
 order.
 
+``quant_format="qdq"`` writes static layers in the interchange form instead: ``QuantizeLinear →
+DequantizeLinear`` around a float ``MatMul`` / ``Conv`` on dequantized weights and bias (:func:`_qdq_static`).
+It is (7.1) in exact arithmetic and agrees with qbook to float rounding; a rounding difference that lands on
+the next layer's rounding boundary can move a code, so the integer form is the default.
+
 **Graph optimizations off.** onnxruntime's optimizer rewrites quantized graphs: in onnxruntime 1.32 its
 basic level turns ``Cast → Mul`` into a ``DequantizeLinear``, its extended level removes ``Relu`` nodes next
 to ``QuantizeLinear``, and QDQ groups may become ``QLinear*`` kernels that requantize with their own rounding.
