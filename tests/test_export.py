@@ -90,7 +90,8 @@ def test_digits_cnn_onnxruntime_equals_qbook(digits_int8, tmp_path):
 
 
 def test_digits_cnn_integer_accumulators_equal_int_matmul(digits_int8):
-    """Inside the graph: ConvInteger and MatMulInteger give exactly qbook's int32 accumulators (4.4)."""
+    """Inside the graph: ConvInteger and MatMulInteger give exactly the int32 accumulators (4.4) of
+    qbook.int_matmul and (for the convolutions) of torch's float64 convolution of the codes."""
     model, x, _ = digits_int8
     x = x[:8]
     inputs: dict[str, torch.Tensor] = {}
@@ -109,11 +110,9 @@ def test_digits_cnn_integer_accumulators_equal_int_matmul(digits_int8):
         layer = getattr(model, name)
         q = layer._quantize_static(inputs[name])
         zp = int(layer.input_zero_point)
-        if name.startswith("conv"):  # im2col with the zero point as padding, then the integer matmul
-            rows = layer._unfold(q.float(), float(zp)).to(q.dtype)
-            ref = int_matmul(rows, layer.weight.reshape(layer.out_channels, -1).t(), a_zero_point=zp)
-            b, _, h, w = acc.shape
-            ref = ref.reshape(b, h * w, -1).transpose(1, 2).reshape(acc.shape)
+        if name.startswith("conv"):  # torch's convolution of q - z_x (zero padded) in float64: exact integers
+            codes, weight = (q.double() - zp), layer.weight.double()
+            ref = F.conv2d(codes, weight, padding=layer.padding).round().to(torch.int32)
         else:
             ref = int_matmul(q, layer.weight.t(), a_zero_point=zp)
         assert acc.dtype == np.int32
