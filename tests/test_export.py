@@ -336,6 +336,12 @@ def test_dynamic_batch(digits_int8):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     for n in (1, 7):
         assert torch.equal(export.run(proto, x[:n]), expected[:n])  # rows are independent in qbook too
+    torch.manual_seed(11)  # the dynamic convolution's im2col reshapes keep the batch free too
+    dynamic = nn.Sequential(QuantConv2d.from_float(nn.Conv2d(3, 4, 3, padding=1, stride=2)), nn.Flatten())
+    proto = export.to_onnx(dynamic, randn(2, 3, 8, 8))
+    for n in (1, 5):
+        images = randn(n, 3, 8, 8)
+        assert torch.equal(export.run(proto, images), dynamic(images))
     fixed = export.to_onnx(model, x[:2], dynamic_batch=False)
     with pytest.raises(Exception, match="(?i)dimension|shape"):
         export.run(fixed, x[:3])
