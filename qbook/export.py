@@ -885,7 +885,11 @@ def _export(
 
 def session_options() -> Any:
     """The onnxruntime ``SessionOptions`` :func:`run` uses: graph optimizations disabled (so no fusion
-    changes the order of the float epilogue), one thread (sums in a fixed order)."""
+    changes the order of the float epilogue), one thread (sums in a fixed order).
+
+    >>> session_options().graph_optimization_level
+    <GraphOptimizationLevel.ORT_DISABLE_ALL: 0>
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -902,6 +906,11 @@ def run(model: Any, x: torch.Tensor, *, runtime: Runtime = "onnxruntime") -> tor
     ``runtime="onnxruntime"``: an ``InferenceSession`` on the ``CPUExecutionProvider`` with
     :func:`session_options`; ``"reference"``: ``onnx.reference.ReferenceEvaluator`` (ONNX's executable
     specification in numpy: slow, independent of onnxruntime).
+
+    >>> import torch
+    >>> proto = to_onnx(torch.nn.ReLU(), torch.zeros(1, 2))
+    >>> run(proto, torch.tensor([[-1.0, 2.0]]), runtime="reference")
+    tensor([[0., 2.]])
     """
     onnx = _onnx()
     if isinstance(model, (str, os.PathLike)):
