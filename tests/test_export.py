@@ -176,7 +176,7 @@ def test_conv_exact(kernel, stride, padding, dilation, static, bias):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    k=st.integers(2, 40),  # not K = 1: qbook's dynamic CPU path hits a torch._int_mm bug (reported)
+    k=st.integers(1, 40),
     n=st.integers(1, 12),
     m=st.integers(1, 6),
     spec=st.sampled_from(
