@@ -456,10 +456,12 @@ def best_rounding(
     which also bounds GPTQ). Rows are independent, so the search is per row; at most 65 536 candidates per
     row (tiny layers, ``K`` ≈ 10). ``x`` ``(tokens, K)``.
 
-    >>> x = torch.tensor([[1.0, 1.0]])                 # the layer outputs w_0 + w_1
-    >>> w = torch.tensor([[0.45, 1.45]])               # scale 1.45 / 7: RTN rounds both up (+0.07 each)
-    >>> rtn(w, bits=4, group_size=None).codes, best_rounding(w, x).codes
-    (tensor([[2, 7]], dtype=torch.int8), tensor([[2, 7]], dtype=torch.int8))
+    >>> x = torch.tensor([[1.0, 1.0, 1.0]])           # the layer outputs w_0 + w_1 + w_2
+    >>> w = torch.tensor([[-0.5, -0.1, 1.4]])         # scale 1.4 / 7 = 0.2: w / scale = -2.5, -0.5, 7
+    >>> rtn(w, bits=4, group_size=None).codes          # two ties, both up (to even): the output moves a step
+    tensor([[-2,  0,  7]], dtype=torch.int8)
+    >>> best_rounding(w, x).codes                      # one up, one down: the output is exact
+    tensor([[-2, -1,  7]], dtype=torch.int8)
     """
     w = _check_weight(weight).float()
     spec = _weight_spec(bits, spec)

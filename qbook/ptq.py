@@ -310,19 +310,32 @@ def quantize_weights(
     skip: Iterable[str] = (),
     spec: QuantSpec | None = None,
     inplace: bool = False,
+    run: Callable[[nn.Module, Any], Any] | None = None,
 ) -> nn.Module:
     """Weight-only PTQ: covered layers become :class:`~qbook.nn.WeightOnlyLinear` (or ``WeightOnlyConv2d``)
     with ``bits``-bit symmetric codes (packed below 8 bits), one scale per group of ``group_size`` inputs
     (``None``: per output channel; a ``K`` that ``group_size`` does not divide is padded with zero codes).
 
-    ``method="rtn"`` rounds to nearest, the only method of this edition: GPTQ and AWQ (which will use
-    ``batches``) belong to chapter 11, which is not written yet. Returns a copy unless ``inplace=True``.
+    ``method`` chooses the codes:
+
+    * ``"rtn"``: round to nearest (chapter 7); no data;
+    * ``"gptq"``: GPTQ (chapter 11, :func:`qbook.gptq.quantize_model`): second-order rounding from the
+      layers' inputs on the calibration ``batches``, layer after layer;
+    * ``"awq"``: AWQ (chapter 11, :func:`qbook.awq.quantize_model`): per-input-channel scales from the
+      activations on ``batches``, folded into the model, then round to nearest (returns a transformed copy;
+      layers whose input is divided explicitly sit inside an ``awq.ScaledInput``).
+
+    ``batches`` are run as :func:`calibrate` runs them (or by ``run(model, batch)``); GPTQ and AWQ quantize
+    ``nn.Linear`` only. Returns a copy unless ``inplace=True`` (``rtn`` and ``gptq``).
     """
-    if method != "rtn":
+    if method not in ("rtn", "gptq", "awq"):
         raise ValueError(
-            f"method must be 'rtn' (round to nearest; 'gptq' and 'awq' come with chapter 11), got {method!r}"
+            f"method must be 'rtn' (round to nearest), 'gptq' or 'awq' (chapter 11), got {method!r}"
         )
-    if batches is not None:
+    if method != "rtn":
+        return _quantize_weights_with_data(model, bits, group_size, method, batches, modules, skip, spec,
+                                           inplace, run)
+    if batches is not None or run is not None:
         raise ValueError("method='rtn' needs no data; batches are for chapter 11's methods")
     _check_model(model, inplace)
     targets = _targets(model, _check_modules(modules), skip)
@@ -332,6 +345,40 @@ def quantize_weights(
         return cls.from_float(module, bits=bits, group_size=group_size, spec=spec)
 
     return _replace(_copy(model, inplace), targets, make)
+
+
+def _quantize_weights_with_data(
+    model: nn.Module,
+    bits: int,
+    group_size: int | None,
+    method: str,
+    batches: Iterable[Any] | None,
+    modules: tuple[type, ...],
+    skip: Iterable[str],
+    spec: QuantSpec | None,
+    inplace: bool,
+    run: Callable[[nn.Module, Any], Any] | None,
+) -> nn.Module:
+    """:func:`quantize_weights` with ``method="gptq"`` or ``"awq"`` (chapter 11)."""
+    if batches is None:
+        raise ValueError(
+            f"method={method!r} needs calibration data (chapter 11): pass batches=[...] of inputs, as for "
+            "calibrate(); method='rtn' needs none"
+        )
+    _check_model(model, inplace)
+    if _check_modules(modules) != (nn.Linear,):
+        raise ValueError(f"method={method!r} quantizes nn.Linear layers only, got modules={modules!r}")
+    if method == "gptq":
+        from qbook import gptq
+
+        return gptq.quantize_model(
+            model, batches, bits, group_size, spec=spec, skip=skip, run=run, inplace=inplace
+        )
+    if inplace:
+        raise ValueError("method='awq' returns a transformed copy of the model; inplace=True is unsupported")
+    from qbook import awq
+
+    return awq.quantize_model(model, batches, bits, group_size, spec=spec, skip=skip, run=run)
 
 
 # --------------------------------------------------------------------------------------------------------
