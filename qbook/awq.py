@@ -5,11 +5,11 @@ output error ``||X W^T - X Ŵ^T||²`` instead: input channels that carry large a
 *salient*, so it scales those columns up before rounding (their relative rounding error shrinks) and
 divides the input by the same factor. For per-input-channel scales ``s`` the layer is unchanged in float,
 
-``W x = (W diag(s)) (diag(s)^-1 x)``  (11.4)
+``W x = (W diag(s)) (diag(s)^-1 x)``
 
 and only ``Q(W diag(s))`` is stored. AWQ chooses ``s = s_x^alpha`` from the mean magnitude ``s_x`` of each
 input channel on calibration data, with ``alpha`` from a grid search over ``[0, 1)`` (20 points; ``alpha = 0``
-is RTN itself) that minimises the output error of the layer, or of the layers sharing its input (11.5).
+is RTN itself) that minimises the output error of the layer, or of the layers sharing its input.
 
 API (everything a chapter or a benchmark needs)
 
@@ -207,7 +207,7 @@ def output_error(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.Tensor
 
     ``e = ||X W^T - X Ŵ^T||²_F / ||X W^T||²_F``
 
-    for inputs ``x`` ``(T, K)`` and weights ``(N, K)``: products in their dtype, sums in float64.
+    for inputs ``x`` ``(T, K)`` and weights ``(N, K)``, computed in their (common) dtype.
 
     >>> import torch
     >>> output_error(torch.eye(2), torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
@@ -228,7 +228,7 @@ def _output_error(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.Tenso
     """The math of :func:`output_error`: squared error of the outputs over their squared norm."""
     error = x @ (weight_hat - weight).T  # (T, N): X Ŵ^T - X W^T
     y = x @ weight.T  # (T, N)
-    return float(error.double().square().sum() / y.double().square().sum().clamp(min=1e-300))
+    return float(error.square().sum()) / max(float(y.square().sum()), 1e-300)
 
 
 @dataclass(frozen=True)
@@ -568,9 +568,10 @@ def apply_scales(
     *,
     inplace: bool = False,
 ) -> tuple[nn.Module, list[Fold]]:
-    """The equivalence transform (11.4) for every group: each layer's weight becomes ``W diag(s)`` and ``1/s``
-    goes where ``group.how`` says (module docstring), so the float model computes the same function (up to
-    float rounding). Returns ``(model, folds)``: a copy (``inplace=False``) and one :class:`Fold` per group.
+    """The equivalence transform ``W x = (W diag(s))(x / s)`` for every group: each layer's weight becomes
+    ``W diag(s)`` and ``1/s`` goes where ``group.how`` says (module docstring), so the float model computes
+    the same function (up to float rounding). Returns ``(model, folds)``: a copy (``inplace=False``) and one
+    :class:`Fold` per group.
 
     >>> import torch
     >>> _ = torch.manual_seed(0)

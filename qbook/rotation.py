@@ -3,7 +3,7 @@
 A few input channels with huge activations force a coarse grid on everyone (chapter 5). An orthogonal matrix
 ``R`` (``R R^T = I``) changes nothing in float,
 
-``W x = (W R^T)(R x)``  (11.6)
+``W x = (W R^T)(R x)``
 
 but ``R x`` mixes every channel into every other: an outlier's energy is spread evenly, the distribution of
 ``R x`` is closer to Gaussian (its kurtosis drops towards 3), and so does that of the rows of ``W R^T``. Both
@@ -274,7 +274,7 @@ class RotatedLinear(nn.Module):
     """A linear layer on a rotated input: ``linear(H (d ⊙ x))`` — chapter 11.
 
     ``linear`` holds ``W D H^T`` (``D = diag(signs)``, ``H`` = :func:`hadamard`), so the module computes
-    ``W D H^T H D x = W x`` (11.6); :meth:`from_float` builds it from a float ``nn.Linear``. The rotation is
+    ``W D H^T H D x = W x``; :meth:`from_float` builds it from a float ``nn.Linear``. The rotation is
     applied on line with :func:`hadamard_transform`; ``linear`` may be replaced by a quantized or simulated
     layer (it then sees rotated inputs and holds rotated weights).
 
@@ -334,7 +334,7 @@ def rotate_linears(
 ) -> tuple[nn.Module, list[Fold]]:
     """Rotate the input space of every ``nn.Linear`` of ``model`` that ``module_filter(name, module)`` selects
     (default: all): each becomes a :class:`RotatedLinear` (weight ``W D H^T``, input ``H D x``), so the float
-    model computes the same function (11.6) up to float rounding. ``seed``: random signs ``D`` per layer
+    model computes the same function up to float rounding. ``seed``: random signs ``D`` per layer
     (QuaRot's randomised Hadamard), drawn from a generator seeded with it (the same on every CPU); ``None``:
     ``D = I``. Returns ``(model, folds)``: a copy (``inplace=False``) and one :class:`qbook.awq.Fold` per
     layer (``how="hadamard"``, ``transform`` = the signs).
