@@ -14,7 +14,8 @@ is RTN itself) that minimises the output error of the layer, or of the layers sh
 API (everything a chapter or a benchmark needs)
 
 * :func:`rtn` — the weight exactly as :class:`qbook.nn.WeightOnlyLinear` stores it (dequantized);
-* :func:`awq_scales`, :func:`search_scales` (-> :class:`ScaleSearch`), :func:`output_error` — the math;
+* :func:`awq_scales`, :func:`search_scales` (-> :class:`ScaleSearch`) — the math, on GPTQ's objective
+  (:func:`qbook.gptq.output_error`);
 * :class:`ScaleGroup`, :func:`find_groups`, :func:`bert_groups` — which layers share an input and where
   ``1/s`` can go (the model's graph, which a module tree does not show);
 * :func:`apply_scales` — the equivalence transform: a float model computing the same function, plus a record
@@ -54,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qbook.affine import QuantSpec, calc_qparams, dequantize, quantize
-from qbook.granularity import PerGroup, minmax
+from qbook import gptq
+from qbook.affine import QuantSpec
 
 __all__ = [
     "ALPHAS",
@@ -68,7 +69,6 @@ __all__ = [
     "awq_scales",
     "bert_groups",
     "find_groups",
-    "output_error",
     "quantize_keeping",
     "quantize_model",
     "rtn",
@@ -152,7 +152,8 @@ def rtn(
 ) -> torch.Tensor:
     """Round to nearest: ``Ŵ = s_w (round(W / s_w) - z_w)`` with one scale per group of ``group_size`` inputs
     (``None``: per output channel), exactly as :class:`qbook.nn.WeightOnlyLinear` stores ``weight`` ``(N, K)``
-    (symmetric narrow range by default; ``K`` padded with zeros to whole groups) — chapters 6, 7 and 11.
+    (symmetric narrow range by default; ``K`` padded with zeros to whole groups) — chapters 6, 7 and 11. The
+    dequantized weight of :func:`qbook.gptq.rtn`, which wants ``group_size`` to divide ``K``.
 
     >>> import torch
     >>> rtn(torch.tensor([[0.1, -0.7, 0.35, 0.2]]), bits=3, group_size=None)
@@ -164,14 +165,11 @@ def rtn(
 
 
 def _rtn(weight: torch.Tensor, spec: QuantSpec, group_size: int | None) -> torch.Tensor:
-    """The math of :func:`rtn`: the three verbs of chapter 3 with chapter 6's per-group granularity."""
-    N, K = weight.shape
+    """The math of :func:`rtn`: :func:`qbook.gptq.rtn` on the weight padded to whole groups."""
+    K = weight.shape[1]
     g = K if group_size is None else group_size
     padded = F.pad(weight, (0, -(-K // g) * g - K))  # (N, Kp): zeros up to whole groups
-    groups = PerGroup(axis=1, group_size=g)
-    scale, zero_point = calc_qparams(*minmax(padded, groups), spec.qmin, spec.qmax, symmetric=spec.symmetric)
-    q = quantize(padded, scale, zero_point, spec.qmin, spec.qmax, granularity=groups)  # (N, Kp)
-    return dequantize(q, scale, zero_point, granularity=groups)[:, :K]  # (N, K)
+    return gptq.rtn(padded, spec.bits, g, spec=spec).weight[:, :K]  # (N, K)
 
 
 def awq_scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -202,39 +200,10 @@ def _awq_scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def output_error(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.Tensor) -> float:
-    """The layer output error that chapter 11 minimises, relative to the output's energy:
-
-    ``e = ||X W^T - X Ŵ^T||²_F / ||X W^T||²_F``
-
-    for inputs ``x`` ``(T, K)`` and weights ``(N, K)``, computed in their (common) dtype.
-
-    >>> import torch
-    >>> output_error(torch.eye(2), torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
-    0.5
-    """
-    x = _check_finite(x, "x", 2)
-    weight, weight_hat = _check_finite(weight, "weight", 2), _check_finite(weight_hat, "weight_hat", 2)
-    if weight.shape != weight_hat.shape or weight.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"need x (T, K) and weight, weight_hat (N, K) with one K, got x {tuple(x.shape)}, weight "
-            f"{tuple(weight.shape)}, weight_hat {tuple(weight_hat.shape)}"
-        )
-    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), weight_hat.dtype)
-    return _output_error(x.to(dtype), weight.detach().to(dtype), weight_hat.detach().to(dtype))
-
-
-def _output_error(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.Tensor) -> float:
-    """The math of :func:`output_error`: squared error of the outputs over their squared norm."""
-    error = x @ (weight_hat - weight).T  # (T, N): X Ŵ^T - X W^T
-    y = x @ weight.T  # (T, N)
-    return float(error.square().sum()) / max(float(y.square().sum()), 1e-300)
-
-
 @dataclass(frozen=True)
 class ScaleSearch:
     """The result of :func:`search_scales`: the chosen ``alpha`` and ``scale`` ``(K,)``, and the relative
-    output error :func:`output_error` for every ``alpha`` tried (``errors[alphas.index(0.0)]`` is RTN's)."""
+    output error (:func:`qbook.gptq.output_error`) for every ``alpha`` tried (``alpha = 0`` is RTN)."""
 
     alpha: float
     scale: torch.Tensor
@@ -261,8 +230,10 @@ def search_scales(
 
     ``alpha* = argmin_alpha  sum_i ||X W_i^T - (X diag(s)^-1) Q(W_i diag(s))^T||²  /  sum_i ||X W_i^T||²``
 
-    with ``s = awq_scales(mean_t |x_t|, alpha)`` and ``Q`` = :func:`rtn` at ``bits``/``group_size``. Ties go
-    to the first ``alpha`` of ``alphas``; with ``0.0`` among them the result is never worse than RTN on ``x``.
+    with ``s = awq_scales(mean_t |x_t|, alpha)`` and ``Q`` = :func:`rtn` at ``bits``/``group_size``: GPTQ's
+    objective (:func:`qbook.gptq.output_error` with ``relative=True``), computed from ``X`` directly (cheaper
+    than through ``H = 2 X^T X`` while there are fewer tokens than inputs; float32). Ties go to the first
+    ``alpha`` of ``alphas``; with ``0.0`` among them the result is never worse than RTN on ``x``.
 
     >>> import torch
     >>> _ = torch.manual_seed(0)
@@ -294,11 +265,12 @@ def _search_scales(
     """The math of :func:`search_scales`: try each ``alpha``, keep the one with the smallest output error.
     ``weight`` stacks the rows of every layer that reads ``x`` (RTN works row by row: stacking is exact)."""
     act_mean = x.abs().mean(dim=0)  # (K,): s_x
+    energy = float((x @ weight.T).square().sum())  # ||X W^T||²
     errors = []
     for alpha in alphas:
         s = _awq_scales(act_mean, alpha)  # (K,)
         weight_hat = _rtn(weight * s, spec, group_size) / s  # Q(W diag(s)) diag(s)^-1: the layer on X
-        errors.append(_output_error(x, weight, weight_hat))
+        errors.append(float((x @ (weight_hat - weight).T).square().sum()) / energy)  # ||X (Ŵ - W)^T||² / ...
     best = min(range(len(alphas)), key=errors.__getitem__)
     return ScaleSearch(alphas[best], _awq_scales(act_mean, alphas[best]), alphas, tuple(errors))
 
