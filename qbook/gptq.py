@@ -390,6 +390,11 @@ def gptq_reference(
     quantized: round column ``q`` to nearest, ``w ← w − (w_q − ŵ_q) / Hinv_qq · Hinv_{q,:}`` on the remaining
     columns, then eliminate ``q``: ``Hinv ← Hinv − Hinv_{:,q} Hinv_{q,:} / Hinv_qq`` (the inverse of ``H``
     without row and column ``q``). No Cholesky, no blocks. Same arguments, grids and result as :func:`gptq`.
+
+    >>> _ = torch.manual_seed(0)
+    >>> x, w = torch.randn(64, 8, dtype=torch.float64).float(), torch.randn(4, 8, dtype=torch.float64).float()
+    >>> torch.equal(gptq_reference(w, hessian(x), 3, 4).codes, gptq(w, hessian(x), 3, 4).codes)
+    True
     """
     W, H, spec, g, order, static = _prepare(weight, H, bits, group_size, spec, act_order, damp)
     N, K = W.shape
