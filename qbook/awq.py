@@ -308,11 +308,13 @@ def quantize_keeping(
     group_size: int | None = 128,
     *,
     spec: QuantSpec | None = None,
+    keep_bits: int | None = None,
 ) -> torch.Tensor:
-    """RTN on ``weight`` ``(N, K)`` except the input columns ``keep`` (indices), which stay in float — the
-    mixed-precision layer of AWQ's salient-channel experiment. The kept columns are zeroed before the group
-    scales are chosen (a mixed-precision kernel stores them apart, so they do not stretch their group's grid),
-    then put back unrounded.
+    """RTN on ``weight`` ``(N, K)`` except the input columns ``keep`` (indices), which stay in float
+    (``keep_bits=None``, the paper's FP16) or get their own ``keep_bits``-bit RTN per output channel (8) —
+    the mixed-precision layer of AWQ's salient-channel experiment. The kept columns are zeroed before the
+    group scales of the rest are chosen (a mixed-precision kernel stores them apart, so they do not stretch
+    their group's grid).
 
     >>> import torch
     >>> w = torch.tensor([[0.1, -0.7, 0.35, 0.2]])
@@ -326,17 +328,23 @@ def quantize_keeping(
     if keep.dtype == torch.bool or ((keep < 0) | (keep >= K)).any():
         raise ValueError(f"keep must hold column indices in [0, {K}), got {keep.tolist()!r:.80}")
     spec, group_size = _check_weight_spec(bits, group_size, spec)
-    return _quantize_keeping(weight.float(), keep, spec, group_size)
+    keep_spec = None if keep_bits is None else _check_weight_spec(keep_bits, None, None)[0]
+    return _quantize_keeping(weight.float(), keep, spec, group_size, keep_spec)
 
 
 def _quantize_keeping(
-    weight: torch.Tensor, keep: torch.Tensor, spec: QuantSpec, group_size: int | None
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    spec: QuantSpec,
+    group_size: int | None,
+    keep_spec: QuantSpec | None,
 ) -> torch.Tensor:
-    """The math of :func:`quantize_keeping`: round the rest, keep the salient columns exactly."""
+    """The math of :func:`quantize_keeping`: round the rest; keep the salient columns, or round them apart."""
     rest = weight.clone()
     rest[:, keep] = 0.0
     weight_hat = _rtn(rest, spec, group_size)  # (N, K)
-    weight_hat[:, keep] = weight[:, keep]
+    kept = weight[:, keep]  # (N, k)
+    weight_hat[:, keep] = kept if keep_spec is None else _rtn(kept, keep_spec, None)
     return weight_hat
 
 

@@ -142,6 +142,10 @@ def test_quantize_keeping():
     others = torch.ones(256, dtype=torch.bool)
     others[keep] = False
     assert torch.equal(w_hat[:, others], awq.rtn(rest, 4, 128)[:, others])
+    w8 = awq.quantize_keeping(w, keep, 4, 128, keep_bits=8)
+    assert torch.equal(w8[:, others], w_hat[:, others])
+    assert torch.equal(w8[:, keep], awq.rtn(w[:, keep], 8, None))
+    assert not torch.equal(w8[:, keep], w[:, keep])
 
 
 def test_salient_by_activation_beats_random():
@@ -368,6 +372,7 @@ def test_bad_search_inputs(k, bad):
         (lambda: awq.salient_channels(torch.ones(10), 1.5), "fraction"),
         (lambda: awq.quantize_keeping(randn(4, 8), torch.tensor([8]), 4, None), "column indices"),
         (lambda: awq.quantize_keeping(randn(4, 8), torch.tensor([0.5]), 4, None), "integer"),
+        (lambda: awq.quantize_keeping(randn(4, 8), torch.tensor([1]), 4, None, keep_bits=16), "bits"),
         (lambda: awq.ScaleGroup(("a",), "layernorm"), "prev"),
         (lambda: awq.ScaleGroup(("a",), "magic", "b"), "how"),
         (lambda: awq.ScaleGroup("a"), "tuple"),
