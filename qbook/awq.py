@@ -467,11 +467,15 @@ def find_groups(model: nn.Module, skip: Iterable[str] = ()) -> list[ScaleGroup]:
     return groups
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
+def _module(model: nn.Module, name: str) -> nn.Module:
     try:
-        m = model.get_submodule(name)
+        return model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"the model has no layer {name!r}") from None
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    m = _module(model, name)
     if not isinstance(m, nn.Linear):
         raise TypeError(f"layer {name!r} must be an nn.Linear, got {type(m).__name__}")
     return m
@@ -493,7 +497,7 @@ def _check_groups(model: nn.Module, groups: object) -> list[ScaleGroup]:
         seen |= set(g.linears)
         (k,) = ks
         if g.how == "layernorm":
-            ln = model.get_submodule(g.prev)
+            ln = _module(model, g.prev)
             if not isinstance(ln, nn.LayerNorm) or ln.weight is None or tuple(ln.normalized_shape) != (k,):
                 raise ValueError(f"{g.prev!r} must be an affine nn.LayerNorm over {k} features, got {ln!r}")
         elif g.how == "linear":
@@ -503,7 +507,7 @@ def _check_groups(model: nn.Module, groups: object) -> list[ScaleGroup]:
                     f"{g.prev!r} has {prev.out_features} outputs but {g.linears} read {k} inputs"
                 )
         elif g.how == "activation":
-            model.get_submodule(g.prev)
+            _module(model, g.prev)
     return list(groups)
 
 

@@ -395,6 +395,12 @@ def test_bad_search_inputs(k, bad):
             "LayerNorm",
         ),
         (lambda: awq.transform(PreLN(), [randn(2, 16)], skip=("nope",)), "skip"),
+        (
+            lambda: awq.apply_scales(
+                PreLN(), [awq.ScaleGroup(("fc2",), "activation", "gelu")], [torch.ones(32)]
+            ),
+            "gelu",
+        ),
         (lambda: awq.transform(PreLN(), randn(2, 16)), "batches"),
     ],
 )
