@@ -147,6 +147,10 @@ PROSE_ALLOW: dict[str, dict[str, str]] = {
         "150,000": "a quotation: Dettmers et al. (2022) count 150,000 outliers per sequence",
         "1.56": "a quotation: SmoothQuant's reported speed-up (Xiao et al. 2023)",
     },
+    "08_quantization_aware_training.ipynb": {
+        "0.098": "a quotation: the accuracy Jamil's QAT notebook published (hkproj/quantization-notes 31b4493)",
+        "0.952": "a quotation: that notebook's accuracy after its fix (hkproj/quantization-notes fd8e177)",
+    },
 }
 
 
