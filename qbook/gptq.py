@@ -72,8 +72,9 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,6 +232,18 @@ def _grid(w: torch.Tensor, spec: QuantSpec, g: int) -> tuple[torch.Tensor, torch
     )
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run on one thread (restored after): GPTQ's loop is thousands of small operations, for which a thread
+    pool costs more than it gains (50x on a busy 2-core machine); one thread also fixes the order of sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _result(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec,
             group_size: int | None) -> QuantizedWeight:
     g = PerGroup(axis=1, group_size=group_size or codes.shape[1])
@@ -332,8 +345,9 @@ def gptq(
     block_size = _check_block_size(block_size)
     if not static:
         block_size = -(-block_size // g) * g  # whole groups per block
-    grids = _grid(W, spec, g) if static else None
-    codes, scale, zero_point = _gptq(W, H, spec, g, order, block_size, grids)
+    with _one_thread():
+        grids = _grid(W, spec, g) if static else None
+        codes, scale, zero_point = _gptq(W, H, spec, g, order, block_size, grids)
     return _result(codes, scale, zero_point, spec, group_size)
 
 
@@ -401,6 +415,23 @@ def gptq_reference(
     scale, zero_point = _grid(W, spec, g) if static else (
         torch.empty(N, K // g), torch.empty(N, K // g, dtype=torch.int32)
     )
+    with _one_thread():
+        codes = _gptq_reference(W, H, spec, g, order, scale, zero_point, static)
+    return _result(codes, scale, zero_point, spec, group_size)
+
+
+def _gptq_reference(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    g: int,
+    order: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    static: bool,
+) -> torch.Tensor:
+    """The OBS loop (11.2) of :func:`gptq_reference`; fills ``scale``/``zero_point`` unless ``static``."""
+    N, K = W.shape
     codes = torch.empty(N, K, dtype=spec.dtype)
     Hinv = torch.linalg.inv(H)
     rest = torch.ones(K, dtype=torch.bool)  # columns not yet quantized
@@ -417,7 +448,7 @@ def gptq_reference(
         W[:, rest] -= torch.outer(err / d, Hinv[j, rest])  # the OBS update (11.2)
         Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / d  # eliminate column q
         Hinv[j, :], Hinv[:, j] = 0.0, 0.0
-    return _result(codes, scale, zero_point, spec, group_size)
+    return codes
 
 
 # --------------------------------------------------------------------------------------------------------
