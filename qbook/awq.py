@@ -446,10 +446,14 @@ def bert_groups(model: nn.Module, prefix: str = "") -> list[ScaleGroup]:
     return groups
 
 
-def find_groups(model: nn.Module, skip: Iterable[str] = ()) -> list[ScaleGroup]:
+def find_groups(model: nn.Module, skip: Iterable[str] = (), *, explicit: bool = True) -> list[ScaleGroup]:
     """AWQ's default grouping: :func:`bert_groups` for BERT-style layers, and every other ``nn.Linear`` alone
     with an explicit :class:`ScaledInput` (always valid). Layers in ``skip`` are left out (a folded group
-    keeps them: their weight must absorb ``s`` too, but they are not quantized)."""
+    keeps them: their weight must absorb ``s`` too, but they are not quantized). ``explicit=False``: only the
+    groups whose ``1/s`` folds into a neighbour (``"layernorm"``, ``"linear"``), or into an activation; the
+    other layers get no scales (plain RTN in :func:`quantize_model`) and no extra work at run time."""
+    if not isinstance(explicit, bool):
+        raise TypeError(f"explicit must be a bool, got {explicit!r}")
     skip = set([skip] if isinstance(skip, str) else skip)
     groups = []
     for g in bert_groups(model):
@@ -464,7 +468,7 @@ def find_groups(model: nn.Module, skip: Iterable[str] = ()) -> list[ScaleGroup]:
         for name, m in model.named_modules()
         if type(m) is nn.Linear and name not in covered
     ]
-    return groups
+    return groups if explicit else [g for g in groups if g.how != "input"]
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
