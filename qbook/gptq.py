@@ -50,6 +50,8 @@ API (all weights ``(N, K)`` as ``nn.Linear`` stores them):
   optimum of (11.1) on RTN's per-channel grid by exhaustive search (tiny layers only): AdaRound's point
   (Nagel et al., 2020) that rounding to nearest is not optimal for the layer's output;
 * :func:`output_error` ``(weight, weight_hat, H, *, relative=False) -> float``: (11.1) from ``H``;
+* :func:`quantize_linear` ``(linear, x, bits=4, group_size=128, *, spec=None, act_order=False, damp=0.01,
+  block_size=128) -> WeightOnlyLinear``: GPTQ on one layer from its captured inputs ``x`` ``(..., K)``;
 * :func:`quantize_model` ``(model, batches, bits=4, group_size=128, *, spec=None, skip=(), act_order=False,
   damp=0.01, block_size=128, sequential=True, run=None, inplace=False) -> nn.Module``: every ``nn.Linear``
   becomes a :class:`~qbook.nn.WeightOnlyLinear` holding GPTQ's codes; :func:`qbook.ptq.quantize_weights`
@@ -92,6 +94,7 @@ __all__ = [
     "gptq_reference",
     "hessian",
     "output_error",
+    "quantize_linear",
     "quantize_model",
     "rtn",
 ]
@@ -629,6 +632,40 @@ def quantize_model(
             for name, H in _capture(model, batches, run, list(targets), first).items():
                 replace(name, H)
     return model.eval()
+
+
+def quantize_linear(
+    linear: nn.Linear,
+    x: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    *,
+    spec: QuantSpec | None = None,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> nn.Module:
+    """GPTQ on one ``nn.Linear`` from its inputs ``x`` ``(..., K)`` (e.g. captured by
+    :func:`qbook.outliers.capture_activations`): a :class:`~qbook.nn.WeightOnlyLinear` holding GPTQ's codes
+    (``K`` padded to whole groups with dead inputs, as the module pads it) — chapter 11. Arguments as
+    :func:`gptq`; ``linear`` is not modified.
+
+    >>> _ = torch.manual_seed(0)
+    >>> layer = quantize_linear(nn.Linear(16, 4), torch.randn(32, 16), bits=4, group_size=8)
+    >>> layer, layer.dequantized_weight().shape
+    (WeightOnlyLinear(16→4, W4 packed per-group g=8 sym, A float), torch.Size([4, 16]))
+    """
+    if type(linear) is not nn.Linear:
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[-1] != linear.in_features:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be the layer's inputs (..., {linear.in_features}), got {got}")
+    spec = _weight_spec(bits, spec)
+    if group_size is not None:
+        _check_group_size(group_size, group_size)
+    options = {"bits": bits, "group_size": group_size, "spec": spec, "act_order": act_order, "damp": damp,
+               "block_size": block_size}
+    return _quantize_linear(linear, hessian(x), options)
 
 
 def _quantize_linear(linear: nn.Linear, H: torch.Tensor, options: dict[str, Any]) -> nn.Module:

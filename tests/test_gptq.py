@@ -20,6 +20,7 @@ from qbook.gptq import (
     gptq_reference,
     hessian,
     output_error,
+    quantize_linear,
     quantize_model,
     rtn,
 )
@@ -269,6 +270,22 @@ def test_from_quantized_pads_and_refuses_bad_codes() -> None:
     with pytest.raises(ValueError, match="zero point"):
         WeightOnlyLinear.from_quantized(linear, codes, scale, torch.ones(3, 2, dtype=torch.int32), bits=4,
                                         group_size=8)
+
+
+def test_quantize_linear_from_captured_inputs() -> None:
+    w, x = layer(6, 16, seed=8)
+    linear = nn.Linear(16, 6)
+    linear.weight.data.copy_(w)
+    m = quantize_linear(linear, x.reshape(4, 50, 16), 3, 8, act_order=True)
+    expected = gptq(w, hessian(x), 3, 8, act_order=True)
+    assert type(m) is WeightOnlyLinear and torch.equal(m.dequantized_weight(), expected.weight)
+    assert torch.equal(linear.weight, w)  # not modified
+    with pytest.raises(ValueError, match=r"\(\.\.\., 16\)"):
+        quantize_linear(linear, x[:, :8])
+    with pytest.raises(TypeError, match="nn.Linear"):
+        quantize_linear(nn.Conv2d(1, 1, 1), x)
+    with pytest.raises(ValueError, match="damp"):
+        quantize_linear(linear, x, damp=float("nan"))
 
 
 def mlp() -> nn.Module:
