@@ -658,7 +658,7 @@ def transform(
     :func:`qbook.ptq.calibrate` takes them, or ``run(model, batch)``, or a callable that runs ``model``),
     :func:`search_scales` for the layers not in ``skip``, :func:`apply_scales`. Returns a transformed copy
     (same function in float) and its folds (``Fold.alpha``: the exponent found). Groups whose input the data
-    never reach (e.g. BERT's unused pooler) get no scales and no fold. ``groups``: :func:`find_groups`.
+    never reach (a layer that never runs) get no scales and no fold. ``groups``: :func:`find_groups`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
