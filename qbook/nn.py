@@ -795,7 +795,7 @@ class _WeightOnly(QuantModule):
         groups = self.padded_features // g
         codes_per_row = self.padded_features if bits == 8 else -(-self.padded_features * bits // 8)
         self.register_buffer(
-            "weight", torch.zeros(out_features, codes_per_row, dtype=torch.int8 if bits == 8 else torch.uint8)
+            "weight", torch.zeros(out_features, codes_per_row, dtype=spec.dtype if bits == 8 else torch.uint8)
         )
         self.register_buffer("weight_scale", torch.ones(out_features, groups))
         zero_dtype = spec.dtype

@@ -110,10 +110,12 @@ def test_rtn_equals_weight_only_linear() -> None:
     w, _ = layer(6, 16)
     linear = nn.Linear(16, 6)
     linear.weight.data.copy_(w)
-    for bits, group_size, spec in ((4, 8, None), (3, None, AFFINE3), (8, 4, None)):
+    uint8 = QuantSpec(8, signed=False)  # codes above 127 must survive (a uint8 buffer, not int8)
+    for bits, group_size, spec in ((4, 8, None), (3, None, AFFINE3), (8, 4, None), (8, None, uint8)):
         ref = WeightOnlyLinear.from_float(linear, bits=bits, group_size=group_size, spec=spec)
         r = rtn(w, bits, group_size, spec=spec)
         assert torch.equal(r.codes, ref.codes()) and torch.equal(r.weight, ref.dequantized_weight())
+        assert bool(((r.weight - w).abs() <= r.scale.repeat_interleave(group_size or 16, 1) / 2 + 1e-6).all())
 
 
 def test_uncorrelated_inputs_give_rtn() -> None:
