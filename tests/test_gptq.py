@@ -65,8 +65,10 @@ def test_fast_equals_reference_with_dead_inputs() -> None:
     w, x = layer(5, 12, seed=3)
     x[:, [2, 7]] = 0.0  # two inputs never seen: H_kk = 0
     H = hessian(x)
+    threads = torch.get_num_threads()
     for act_order in (False, True):
         fast = gptq(w, H, 4, 4, act_order=act_order, block_size=5)
+        assert torch.get_num_threads() == threads  # the loop's one thread is restored
         slow = gptq_reference(w, H, 4, 4, act_order=act_order)
         assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scale, slow.scale)
         assert bool((fast.codes[:, [2, 7]] == 0).all())  # dead columns are set to 0 (the code of 0)
