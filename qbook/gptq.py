@@ -378,7 +378,7 @@ def _gptq(
     U = torch.linalg.cholesky(Hinv, upper=True)  # H⁻¹ = UᵀU, U upper triangular
     codes = torch.empty(N, K, dtype=spec.dtype)
     scale, zero_point = grids if grids is not None else (
-        torch.empty(N, K // g), torch.empty(N, K // g, dtype=torch.int32)
+        torch.empty(N, K // g, dtype=torch.float32), torch.empty(N, K // g, dtype=torch.int32)
     )
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -421,7 +421,7 @@ def gptq_reference(
     W, H, spec, g, order, static = _prepare(weight, H, bits, group_size, spec, act_order, damp)
     N, K = W.shape
     scale, zero_point = _grid(W, spec, g) if static else (
-        torch.empty(N, K // g), torch.empty(N, K // g, dtype=torch.int32)
+        torch.empty(N, K // g, dtype=torch.float32), torch.empty(N, K // g, dtype=torch.int32)
     )
     with _one_thread():
         codes = _gptq_reference(W, H, spec, g, order, scale, zero_point, static)
