@@ -61,6 +61,26 @@ def test_fast_equals_reference(shape, group_size, act_order, bits, spec) -> None
         assert torch.equal(fast.weight, slow.weight)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    N=st.integers(1, 6),
+    K_and_g=st.sampled_from([(4, None), (4, 2), (8, 4), (12, 3), (12, None), (16, 8)]),
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    act_order=st.booleans(),
+    block_size=st.integers(1, 20),
+    seed=st.integers(0, 10_000),
+)
+def test_fast_equals_reference_property(N, K_and_g, bits, signed, act_order, block_size, seed) -> None:
+    K, group_size = K_and_g
+    spec = QuantSpec(bits, signed=signed, narrow_range=signed, symmetric=signed)  # symmetric or affine
+    w, x = layer(N, K, tokens=3 * K, seed=seed)
+    H = hessian(x)
+    fast = gptq(w, H, bits, group_size, spec=spec, act_order=act_order, block_size=block_size)
+    slow = gptq_reference(w, H, bits, group_size, spec=spec, act_order=act_order)
+    assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scale, slow.scale)
+
+
 def test_fast_equals_reference_with_dead_inputs() -> None:
     w, x = layer(5, 12, seed=3)
     x[:, [2, 7]] = 0.0  # two inputs never seen: H_kk = 0
