@@ -19,7 +19,13 @@ from qbook.data import randn
 from qbook.nn import WeightOnlyLinear
 from qbook.ptq import quantize_weights
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """No autograd in this module's tests, restored afterwards (a module-level set_grad_enabled(False) would
+    leak into every test that runs later in the same process)."""
+    with torch.no_grad():
+        yield
 
 
 def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> nn.Linear:

@@ -23,7 +23,13 @@ from qbook.nn import WeightOnlyLinear
 from qbook.outliers import LinearQuantConfig, quantize_linears
 from qbook.ptq import quantize_weights
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """No autograd in this module's tests, restored afterwards (a module-level set_grad_enabled(False) would
+    leak into every test that runs later in the same process)."""
+    with torch.no_grad():
+        yield
 
 SUPPORTED = [1, 2, 4, 8, 12, 20, 24, 44, 48, 60, 96, 384, 1536]
 
