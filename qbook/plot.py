@@ -105,21 +105,26 @@ def finish(
     return fig
 
 
-def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
-    """A Markdown (pipe) table from a header and rows of already formatted cells.
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|")
 
-    >>> print(markdown_table(["bits", "SQNR (dB)"], [[8, "49.9"], [4, "25.8"]]))
-    | bits | SQNR (dB) |
-    |---|---|
-    | 8 | 49.9 |
-    | 4 | 25.8 |
+
+def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown (pipe) table from a header and rows of already formatted cells. A ``|`` inside a cell (an
+    absolute value, ``|x|``) is escaped, so it cannot split the cell.
+
+    >>> print(markdown_table(["bits", "SQNR (dB)", "max |error|"], [[8, "49.9", 0.002], [4, "25.8", 0.03]]))
+    | bits | SQNR (dB) | max \\|error\\| |
+    |---|---|---|
+    | 8 | 49.9 | 0.002 |
+    | 4 | 25.8 | 0.03 |
     """
-    header = [str(cell) for cell in header]
+    header = [_cell(cell) for cell in header]
     if not header:
         raise ValueError("a table needs at least one column")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in enumerate(rows):
-        cells = [str(cell) for cell in row]
+        cells = [_cell(cell) for cell in row]
         if len(cells) != len(header):
             raise ValueError(f"row {i} has {len(cells)} cells, expected {len(header)}: {cells!r}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -17,6 +17,16 @@ def test_markdown_table_layout():
     assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | y |"]
 
 
+def test_markdown_table_keeps_pipes_inside_cells():
+    """``|x|`` in a cell must not split it: the rendered table keeps its columns and shows the bars."""
+    from markdown_it import MarkdownIt
+
+    text = plot.markdown_table(["layer", "mean |x|"], [["q", "|-2|"]])
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert html.count("<th>") == 2 and html.count("<td>") == 2
+    assert "<th>mean |x|</th>" in html and "<td>|-2|</td>" in html
+
+
 @pytest.mark.parametrize(
     "header, rows, match",
     [([], [], "at least one column"), (["a", "b"], [[1]], "row 0 has 1 cells, expected 2")],
