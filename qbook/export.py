@@ -764,7 +764,7 @@ def to_onnx(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
-        raise TypeError(f"example_input must be a float32 tensor, got {example_input!r:.60}")
+        raise TypeError(f"example_input must be a float32 tensor, got {_describe(example_input)}")
     if example_input.ndim == 0:
         raise ValueError("example_input must have a batch dimension, got a 0-d tensor")
     if path is not None and not isinstance(path, (str, os.PathLike)):
@@ -800,16 +800,11 @@ def _export(
         graph_module = fx.GraphModule(model, tracer.trace(model))
     except Exception as e:  # fx cannot trace data-dependent Python control flow
         raise NotImplementedError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
         with torch.no_grad():
-            ShapeProp(graph_module).propagate(example)
-    except Exception as e:  # the model itself fails on the example: report its own error, not fx's wrapper
-        cause = e.__cause__ or e
-        if type(cause) in (TypeError, ValueError, RuntimeError, NotImplementedError, OverflowError):
-            raise type(cause)(f"the model fails on example_input: {cause}") from e
-        raise
+            _ShapeProp(graph_module).run(example)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, OverflowError) as e:
+        raise type(e)(f"the model fails on example_input: {e}") from e  # its own error; nothing printed
     g = _Graph(dynamic_batch, quant_format)
     values: dict[str, _Value] = {}
     inputs, outputs = [], []
@@ -883,6 +878,31 @@ def _export(
     return proto
 
 
+class _ShapeProp(fx.Interpreter):
+    """Runs the traced graph on the example and records each tensor's shape and dtype in
+    ``node.meta["tensor_meta"]``, as ``torch.fx.passes.shape_prop.ShapeProp`` does — without its printed
+    traceback and its wrapper exception when the model fails: the model's own error propagates unchanged."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.extra_traceback = False  # do not append "While executing ..." to the model's error
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
+
+
+def _describe(x: Any) -> str:
+    """``a torch.float64 tensor of shape (2, 4)`` or the type's name: never the values."""
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
 def session_options() -> Any:
     """The onnxruntime ``SessionOptions`` :func:`run` uses: graph optimizations disabled (so no fusion
     changes the order of the float epilogue), one thread (sums in a fixed order).
@@ -900,6 +920,53 @@ def session_options() -> Any:
     return options
 
 
+_ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "MatMulInteger", "ConvInteger"})
+
+
+def _check_run_input(model: Any, x: Any, runtime: str) -> None:
+    """:func:`run`'s checks of ``x`` against the graph: dtype, shape, and the values qbook would refuse."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(
+            f"x must be a float32 tensor, got {_describe(x)} (cast with x.float(); run does not cast: see "
+            "its docstring)"
+        )
+    graph = model.graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    expected = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+    fits = len(expected) == x.ndim and all(
+        not isinstance(e, int) or e == n for e, n in zip(expected, x.shape, strict=True)
+    )
+    if not fits:
+        shown = "(" + ", ".join(str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        raise ValueError(f"x must have the graph input's shape {shown}, got {tuple(x.shape)}")
+    if not any(node.op_type in _ACTIVATION_QUANTIZERS for node in graph.node):
+        return  # float and weight-only operators: NaN and inf propagate, as in torch
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    nan = torch.isnan(x)
+    if bool(nan.any()):
+        first = tuple(int(i) for i in nan.nonzero()[0])
+        raise ValueError(
+            f"x contains {int(nan.sum())} NaN value(s), the first at index {first}; NaN has no integer code "
+            "(qbook's quantized layers refuse it too)"
+        )
+    readers = [node.op_type for node in graph.node if graph.input[0].name in node.input]
+    static_first = bool(readers) and all(op == "QuantizeLinear" for op in readers)
+    if static_first and runtime == "onnxruntime":
+        return  # a static first layer: ±inf saturate to qmin / qmax, in qbook and in onnxruntime
+    first = tuple(int(i) for i in (~finite).nonzero()[0])
+    reason = (
+        "the reference evaluator's QuantizeLinear has no defined result for inf (onnxruntime saturates it)"
+        if static_first
+        else "only a static first layer saturates ±inf; here it reaches a dynamic layer's scale or a float "
+        "layer before the first quantizer, where qbook refuses it or the codes are undefined"
+    )
+    raise ValueError(
+        f"x contains {int((~finite).sum())} infinite value(s), the first at index {first}: {reason}"
+    )
+
+
 def run(model: Any, x: torch.Tensor, *, runtime: Runtime = "onnxruntime") -> torch.Tensor:
     """Run an exported model (a ``ModelProto`` or a path) on ``x`` and return the output as a torch tensor.
 
@@ -911,6 +978,17 @@ def run(model: Any, x: torch.Tensor, *, runtime: Runtime = "onnxruntime") -> tor
     >>> proto = to_onnx(torch.nn.ReLU(), torch.zeros(1, 2))
     >>> run(proto, torch.tensor([[-1.0, 2.0]]), runtime="reference")
     tensor([[0., 2.]])
+
+    ``x`` must be a float32 tensor of the graph's input shape (any batch size where the export had
+    ``dynamic_batch=True``); other dtypes are refused rather than cast: qbook's quantized layers cast their
+    input to float32, but its float and weight-only layers compute in the input's dtype, so a cast here would
+    not reproduce every model — cast with ``x.float()`` where that is what you mean. Where the graph quantizes
+    activations (``QuantizeLinear`` or an integer matmul), NaN is refused as qbook refuses it ("NaN has no
+    integer code"), and so is ±inf — except into onnxruntime when every reader of the input is a
+    ``QuantizeLinear`` (a static first layer), where (3.1) saturates ±inf to ``qmin``/``qmax`` in qbook and in
+    onnxruntime alike. (A dynamic layer's scale would be inf: qbook raises, ONNX returns NaN; the reference
+    evaluator's ``QuantizeLinear`` casts inf to an integer with no defined result.) A graph of float and
+    weight-only operators takes any values, as torch does.
     """
     onnx = _onnx()
     if isinstance(model, (str, os.PathLike)):
@@ -919,8 +997,9 @@ def run(model: Any, x: torch.Tensor, *, runtime: Runtime = "onnxruntime") -> tor
         model = onnx.load(os.fspath(model))
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
-        raise TypeError(f"x must be a float32 tensor, got {x!r:.60}")
+    if runtime not in ("onnxruntime", "reference"):
+        raise ValueError(f"runtime must be 'onnxruntime' or 'reference', got {runtime!r}")
+    _check_run_input(model, x, runtime)
     feeds = {model.graph.input[0].name: x.detach().cpu().contiguous().numpy()}
     if runtime == "onnxruntime":
         import onnxruntime as ort
@@ -933,6 +1012,4 @@ def run(model: Any, x: torch.Tensor, *, runtime: Runtime = "onnxruntime") -> tor
         from onnx.reference import ReferenceEvaluator
 
         (y,) = ReferenceEvaluator(model).run(None, feeds)
-    else:
-        raise ValueError(f"runtime must be 'onnxruntime' or 'reference', got {runtime!r}")
     return torch.from_numpy(np.asarray(y))

@@ -490,8 +490,108 @@ def test_unconverted_and_unsupported_layers_are_refused():
 @FAST
 @given(dtype=st.sampled_from([torch.float64, torch.float16, torch.int8, torch.int32, torch.bool]))
 def test_example_input_must_be_float32(dtype):
-    with pytest.raises(TypeError, match="float32"):
+    """The error names the dtype and shape, never the tensor's values."""
+    with pytest.raises(TypeError, match=rf"float32 tensor, got a {dtype} tensor of shape \(2, 4\)$"):
         export.to_onnx(nn.Linear(4, 3), torch.zeros(2, 4, dtype=dtype))
+
+
+@FAST
+@given(dtype=st.sampled_from([torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int32]))
+def test_run_refuses_other_dtypes_naming_them(dtype):
+    """``run`` does not cast (qbook's float and weight-only layers compute in the input's dtype, so a cast
+    would not reproduce every model); the error names the dtype, not the values."""
+    proto = export.to_onnx(_static_linear_model(), randn(2, 4))
+    expected = rf"float32 tensor, got a {dtype} tensor of shape \(2, 4\) \(cast"
+    with pytest.raises(TypeError, match=expected) as e:
+        export.run(proto, torch.ones(2, 4, dtype=dtype))
+    assert "tensor(" not in str(e.value)
+
+
+def _static_linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(4, 3), activation="static", input_qparams=(0.02, -3))
+    return nn.Sequential(layer, nn.ReLU())
+
+
+def _dynamic_linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(QuantLinear.from_float(nn.Linear(4, 3)), nn.ReLU())
+
+
+@FAST
+@given(
+    static=st.booleans(),
+    runtime=st.sampled_from(["onnxruntime", "reference"]),
+    row=st.integers(0, 2),
+    col=st.integers(0, 3),
+)
+def test_run_refuses_nan_as_qbook_does(static, runtime, row, col):
+    """A NaN input: qbook's integer model raises, and so must ``run`` (it used to return finite logits)."""
+    model = _static_linear_model() if static else _dynamic_linear_model()
+    proto = export.to_onnx(model, randn(3, 4))
+    x = randn(3, 4)
+    x[row, col] = float("nan")
+    with pytest.raises(ValueError, match="(?i)nan"):
+        model(x)
+    with pytest.raises(ValueError, match=rf"1 NaN value\(s\), the first at index \({row}, {col}\); NaN has"):
+        export.run(proto, x, runtime=runtime)
+
+
+@FAST
+@given(row=st.integers(0, 2), col=st.integers(0, 3), sign=st.sampled_from([1.0, -1.0]))
+def test_run_infinity_as_qbook(row, col, sign):
+    """±inf into a static first layer saturates to qmin/qmax (3.1) in qbook and in onnxruntime alike: equal
+    outputs. Into a dynamic layer qbook raises (the scale would be inf; onnxruntime returns NaN): ``run``
+    raises too, and so does the reference evaluator (its QuantizeLinear casts inf to an undefined integer)."""
+    x = randn(3, 4)
+    x[row, col] = sign * float("inf")
+    static = _static_linear_model()
+    proto = export.to_onnx(static, randn(3, 4))
+    y = export.run(proto, x)
+    assert torch.equal(y, static(x)) and bool(torch.isfinite(y).all())
+    with pytest.raises(ValueError, match=rf"1 infinite value\(s\), the first at index \({row}, {col}\): the"):
+        export.run(proto, x, runtime="reference")
+    dynamic = _dynamic_linear_model()
+    with pytest.raises(ValueError, match="infinite"):
+        dynamic(x)
+    with pytest.raises(ValueError, match="infinite value.*only a static first layer saturates"):
+        export.run(export.to_onnx(dynamic, randn(3, 4)), x)
+
+
+def test_run_float_graph_propagates_non_finite():
+    """Without activation quantization (float and weight-only operators) NaN and inf flow as in torch."""
+    model = nn.Sequential(nn.ReLU())
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 1.0]])
+    y = export.run(export.to_onnx(model, x), x)
+    assert torch.equal(y.isnan(), model(x).isnan()) and torch.equal(y.nan_to_num(), model(x).nan_to_num())
+
+
+def test_run_checks_the_input_shape():
+    """A shape the graph does not take is a ValueError naming both shapes, not onnxruntime's InvalidArgument;
+    with ``dynamic_batch`` any batch size runs."""
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(nn.Conv2d(1, 2, 3), activation="static", input_qparams=(0.05, 0))
+    model = nn.Sequential(conv)
+    x = randn(2, 1, 8, 8)
+    dynamic, fixed = export.to_onnx(model, x), export.to_onnx(model, x, dynamic_batch=False)
+    five = randn(5, 1, 8, 8)
+    for runtime in ("onnxruntime", "reference"):
+        assert torch.equal(export.run(dynamic, five, runtime=runtime), model(five))
+        for bad in ((2, 1, 9, 9), (2, 8, 8), (2, 1, 8, 8, 1)):
+            given_shape = ", ".join(map(str, bad))
+            with pytest.raises(ValueError, match=rf"shape \(batch, 1, 8, 8\), got \({given_shape}\)$"):
+                export.run(dynamic, randn(*bad), runtime=runtime)
+        with pytest.raises(ValueError, match=r"shape \(2, 1, 8, 8\), got \(3, 1, 8, 8\)$"):
+            export.run(fixed, randn(3, 1, 8, 8), runtime=runtime)
+
+
+def test_failing_example_input_prints_nothing(capfd):
+    """The model's own error, re-raised with context, and nothing on stdout/stderr (torch.fx's ShapeProp used
+    to print the whole traceback first)."""
+    expected = r"^the model fails on example_input: QuantLinear expects inputs \(\.\.\., 4\), got \(2, 5\)$"
+    with pytest.raises(ValueError, match=expected):
+        export.to_onnx(_static_linear_model(), randn(2, 5))
+    assert capfd.readouterr() == ("", "")
 
 
 @FAST
