@@ -48,6 +48,8 @@ of a layer and row scaling of the same layer), so every search sees the inputs i
 from __future__ import annotations
 
 import copy
+import functools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -254,9 +256,26 @@ def search_scales(
             )
     spec, group_size = _check_weight_spec(bits, group_size, spec)
     alphas = _check_alphas(alphas)
-    return _search_scales(
-        x.float(), torch.cat([w.detach().float() for w in weights]), spec, group_size, alphas
-    )
+    x, weight = x.float(), torch.cat([w.detach().float() for w in weights])
+    energy = float((x @ weight.T).square().sum())  # ||X W^T||², as _search_scales computes it
+    if energy == 0:
+        raise ValueError(
+            "the layers' output X W^T is zero on x (x or the weights are all zero): the relative output "
+            "error ||X (Ŵ - W)^T||² / ||X W^T||² that AWQ minimises is undefined"
+        )
+    if not math.isfinite(energy):
+        raise ValueError(
+            f"||X W^T||² overflows float32 (max |x| = {float(x.abs().max()):.3g}, max |W| = "
+            f"{float(weight.abs().max()):.3g}); rescale x or the weights"
+        )
+    found = _search_scales(x, weight, spec, group_size, alphas)
+    bad = [a for a, e in zip(found.alphas, found.errors, strict=True) if not math.isfinite(e)]
+    if bad:
+        raise ValueError(
+            f"the output error is not finite for alpha in {bad} (float32 overflow of the scaled weight, max "
+            f"|x| = {float(x.abs().max()):.3g}); rescale x or try smaller alphas"
+        )
+    return found
 
 
 def _search_scales(
@@ -605,21 +624,31 @@ def _run_batches(
     """Run calibration data as :func:`qbook.ptq.calibrate` does (tensor, tuple, dict; or ``run``)."""
     with torch.no_grad():
         if callable(batches) and not isinstance(batches, nn.Module):
-            batches()
+            try:
+                batches()
+            except Exception as e:
+                raise ValueError(f"the calibration callable failed ({type(e).__name__}: {e})") from e
             return
         if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
             raise TypeError(f"batches must be an iterable of batches or a callable, got {_describe(batches)}")
-        for batch in batches:
+        for i, batch in enumerate(batches):
             if run is not None:
-                run(model, batch)
+                call = functools.partial(run, model, batch)
             elif isinstance(batch, torch.Tensor) or isinstance(batch, Mapping):
-                model(batch)
+                call = functools.partial(model, batch)
             elif isinstance(batch, (tuple, list)):
-                model(*batch)
+                call = functools.partial(model, *batch)
             else:
                 raise TypeError(
                     f"a batch must be a tensor, a tuple or a dict (or pass run=), got {_describe(batch)}"
                 )
+            try:
+                call()
+            except Exception as e:
+                raise ValueError(
+                    f"calibration batch {i} could not run through the model ({type(e).__name__}: {e}); the "
+                    "batches must be the model's inputs (or pass run=)"
+                ) from e
 
 
 def _capture(model: nn.Module, names: set[str], batches: object, run: object) -> dict[str, torch.Tensor]:
@@ -658,7 +687,10 @@ def transform(
     :func:`qbook.ptq.calibrate` takes them, or ``run(model, batch)``, or a callable that runs ``model``),
     :func:`search_scales` for the layers not in ``skip``, :func:`apply_scales`. Returns a transformed copy
     (same function in float) and its folds (``Fold.alpha``: the exponent found). Groups whose input the data
-    never reach (a layer that never runs) get no scales and no fold. ``groups``: :func:`find_groups`.
+    never reach (a layer that never runs) get no scales and no fold (unlike :func:`qbook.gptq.quantize_model`,
+    which refuses such layers); if the data reach no layer at all, a ``ValueError``. A layer used at several
+    places (one module reachable under several names) is refused: it is scaled in place and wrapped by name.
+    ``groups``: :func:`find_groups`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -669,7 +701,18 @@ def transform(
     if unknown:
         raise ValueError(f"skip names layers the model does not have: {unknown[:5]}")
     groups = _check_groups(model, find_groups(model, skip) if groups is None else groups)
+    gptq._check_unshared(  # changed in place or replaced by name: a module used at two places would break
+        model,
+        [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip]
+        + [n for g in groups for n in g.linears]
+        + [g.prev for g in groups if g.how in ("layernorm", "linear")],
+    )
     inputs = _capture(model, {g.linears[0] for g in groups}, batches, run)
+    if groups and not inputs:
+        raise ValueError(
+            "AWQ needs calibration data, but no layer saw any input while the batches ran (empty batches?); "
+            "pass batches=[...] of the model's inputs"
+        )
     found, searches = [], []
     for g in groups:
         quantized = [n for n in g.linears if n not in skip]
@@ -708,6 +751,7 @@ def quantize_model(
     ``Q(W diag(s))`` (``bits``, ``group_size``, ``spec`` as in ``WeightOnlyLinear.from_float``). A layer
     scaled with ``how="input"`` sits inside a :class:`ScaledInput` (its name holds the wrapper, ``.linear``
     the quantized weight). Returns a copy; ``qbook.ptq.quantize_weights(..., method="awq")`` calls this.
+    A layer that the calibration data never reach gets no scales: plain RTN.
 
     >>> import torch
     >>> _ = torch.manual_seed(0)

@@ -25,6 +25,7 @@ Details, stated once:
 * damping: ``H += λ I`` with ``λ = damp · mean(diag H)`` (``damp = 0.01``); a **dead** input (``H_kk = 0``,
   never nonzero in the calibration data) gets ``H_kk = 1`` and its weight column is set to 0 first, as in the
   reference implementation (its value cannot change the calibration output, and 0 narrows its group's grid).
+  An all-zero ``H`` (no calibration rows, or all inputs zero) carries no information and is refused.
 * grids: ``qbook.calc_qparams`` on the group's minimum and maximum, the codes by ``qbook.quantize``, any
   :class:`~qbook.affine.QuantSpec` (symmetric or affine). Per group of ``g`` consecutive inputs
   (``PerGroup(axis=1, group_size=g)``, scales ``(N, K // g)``) or per output channel (``group_size=None``,
@@ -81,7 +82,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +213,11 @@ def _prepare(
     spec = _weight_spec(bits, spec)
     g = _check_group_size(group_size, K)
     H = _check_hessian(H, K)
+    if not bool(H.any()):
+        raise ValueError(
+            "H is all zero: the calibration inputs carry no information (no rows, or every input 0), and "
+            "GPTQ would treat every input as dead and zero the whole weight; pass real inputs"
+        )
     act_order, damp = _check_bool(act_order, "act_order"), _check_damp(damp)
     W, H = _dampen(W, H, damp)
     if not bool(torch.linalg.cholesky_ex(H).info == 0):
@@ -231,6 +237,21 @@ def _dampen(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor
     W[:, dead] = 0.0
     H.diagonal().add_(damp * H.diagonal().mean())
     return W, H
+
+
+def _check_unshared(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse a layer of ``names`` that is one module reachable under several names (used at several places):
+    the layers are replaced by name, so only one of its places would change."""
+    aliases: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(name)
+    for name in names:
+        found = aliases[id(model.get_submodule(name))]
+        if len(found) > 1:
+            raise ValueError(
+                f"layer {name!r} is one module reachable under the names {found}: it would be replaced at "
+                f"{name!r} only; give each place its own copy (copy.deepcopy) or skip {name!r}"
+            )
 
 
 def _grid(w: torch.Tensor, spec: QuantSpec, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -586,7 +607,10 @@ def quantize_model(
     input tensor (e.g. a transformer's query, key and value projections share one ``H``).
     ``sequential=False``: every ``H`` from the float model in one pass (cheaper, layers independent).
     A ``K`` that ``group_size`` does not divide is padded with dead (zero) inputs, as
-    :class:`~qbook.nn.WeightOnlyLinear` pads it. Returns a copy unless ``inplace=True``.
+    :class:`~qbook.nn.WeightOnlyLinear` pads it. Returns a copy unless ``inplace=True``. A layer used at
+    several places (one module reachable under several names) is refused, since layers are replaced by name;
+    a layer that no batch reaches is refused (skip it); a batch the model cannot run raises a ``ValueError``
+    naming the batch.
 
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -613,8 +637,16 @@ def quantize_model(
     batches = batches if isinstance(batches, Sequence) else list(batches)
     if len(batches) == 0:
         raise ValueError("quantize_model got no batches; GPTQ needs calibration inputs")
+    if run is None:
+        for i, batch in enumerate(batches):
+            if not isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
+                raise TypeError(
+                    f"calibration batch {i} must be a tensor, a tuple of model arguments or a dict (or pass "
+                    f"run=), got {type(batch).__name__}"
+                )
     model = _copy(model, inplace)
     targets = dict(_targets(model, (nn.Linear,), skip))
+    _check_unshared(model, targets)
     if not targets:
         return model.eval()
     options = {"bits": bits, "group_size": group_size, "spec": spec, "act_order": act_order, "damp": damp,
@@ -665,6 +697,8 @@ def quantize_linear(
     if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[-1] != linear.in_features:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be the layer's inputs (..., {linear.in_features}), got {got}")
+    if x.numel() == 0:
+        raise ValueError(f"x holds no inputs (shape {tuple(x.shape)}); GPTQ needs calibration data")
     spec = _weight_spec(bits, spec)
     if group_size is not None:
         _check_group_size(group_size, group_size)
@@ -709,6 +743,7 @@ def _capture(
     hessians: dict[str, torch.Tensor] = {}
     seen: list[str] = []
     current: list[torch.Tensor | None] = [None]
+    refused: list[str] = []  # a hook's own error (a layer's input), raised as it is
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -726,6 +761,7 @@ def _capture(
                 shared[name] += 1
             if not isinstance(x, torch.Tensor) or not x.is_floating_point() \
                     or not bool(torch.isfinite(x).all()):
+                refused.append(name)
                 raise ValueError(f"layer {name!r} got an input that is not a finite float tensor")
             H = _hessian(x)
             hessians[name] = H if name not in hessians else hessians[name].add_(H)
@@ -735,8 +771,16 @@ def _capture(
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
         with torch.no_grad():
-            for batch in batches:
-                _run(model, batch, run)
+            for i, batch in enumerate(batches):
+                try:
+                    _run(model, batch, run)
+                except Exception as e:
+                    if refused:
+                        raise
+                    raise ValueError(
+                        f"calibration batch {i} could not run through the model ({type(e).__name__}: {e}); "
+                        "the batches must be the model's inputs (or pass run=)"
+                    ) from e
     finally:
         for handle in handles:
             handle.remove()

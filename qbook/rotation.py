@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from qbook.awq import Fold
+from qbook.gptq import _check_unshared
 
 __all__ = [
     "RotatedLinear",
@@ -241,7 +242,8 @@ def _hadamard_transform(x: torch.Tensor) -> torch.Tensor:
 def kurtosis(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Pearson's kurtosis ``E[(x - mu)^4] / (E[(x - mu)^2])^2`` over all of ``x`` or along ``dim``, in float64
     (biased moments: ``scipy.stats.kurtosis(x, fisher=False, bias=True)``). 3 for a Gaussian, 1.8 for a
-    uniform distribution; a few outliers among many small values make it large. Constant data: NaN (0/0).
+    uniform distribution; a few outliers among many small values make it large. Constant data (zero
+    variance, where it would be 0/0) raise a ``ValueError``.
 
     >>> import torch
     >>> kurtosis(torch.tensor([-1.0, 1.0])), kurtosis(torch.tensor([0.0] * 9 + [10.0]))   # one outlier
@@ -254,6 +256,10 @@ def kurtosis(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         x = x.movedim(dim, -1)
     if (x.numel() if dim is None else x.shape[-1]) < 2:
         raise ValueError(f"kurtosis needs at least 2 values per reduction, got shape {tuple(x.shape)}")
+    constant = x.amax(dim=-1) == x.amin(dim=-1) if dim is not None else x.amax() == x.amin()
+    if bool(constant.any()):
+        where = "x is" if dim is None else f"{int(constant.sum())} slice(s) along dim {dim} are"
+        raise ValueError(f"{where} constant (zero variance): kurtosis E[(x - mu)^4] / sigma^4 is 0/0")
     return _kurtosis(x.double(), None if dim is None else -1)
 
 
@@ -357,6 +363,7 @@ def rotate_linears(
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
     module_filter = _is_linear if module_filter is None else module_filter
     targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n and module_filter(n, m)]
+    _check_unshared(model, targets)  # rotated in place and wrapped by name: a shared layer would break
     for name in targets:
         k = model.get_submodule(name).in_features
         if _hadamard_factors(k) is None:

@@ -415,3 +415,49 @@ def test_bad_search_inputs(k, bad):
 def test_bad_input_is_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_no_calibration_data_is_refused():
+    """Empty batches reached no layer, and AWQ silently became RTN; now it says so (as GPTQ does)."""
+    model = nn.Sequential(_linear(16, 32), nn.ReLU(), _linear(32, 4))
+    for run in (awq.transform, awq.quantize_model):
+        with pytest.raises(ValueError, match="no layer saw any input"):
+            run(model, [], 4, 8)
+    with pytest.raises(ValueError, match="no layer saw any input"):
+        quantize_weights(model, 4, 8, "awq", [])
+
+
+def test_shared_layers_are_refused():
+    """One module at two places: only one was wrapped, and the in-place scaling changed the other."""
+    lin = _linear(16, 16)
+    for run in (awq.transform, awq.quantize_model):
+        with pytest.raises(ValueError, match=r"'0' is one module reachable under the names \['0', '2'\]"):
+            run(nn.Sequential(lin, nn.ReLU(), lin), [randn(8, 16)], 4, 8)
+    ln = nn.LayerNorm(16)  # a LayerNorm whose weight the fold would divide, used at two places
+    with pytest.raises(ValueError, match=r"\['0', '2'\]"):
+        awq.transform(
+            nn.Sequential(ln, _linear(16, 16), ln), [randn(8, 16)], 4, None,
+            groups=[awq.ScaleGroup(("1",), "layernorm", "0")],
+        )
+
+
+def test_search_refuses_zero_and_overflowing_outputs():
+    x, w = randn(32, 16), randn(8, 16)
+    with pytest.raises(ValueError, match="zero on x"):
+        awq.search_scales(torch.zeros(4, 16), w, 4, 8)
+    with pytest.raises(ValueError, match="zero on x"):
+        awq.search_scales(x, torch.zeros(8, 16), 4, 8)
+    with pytest.raises(ValueError, match="overflows float32"):
+        awq.search_scales(x * 1e30, w, 4, 8)  # the error was NaN (inf / inf)
+    found = awq.search_scales(x * 1e10, w, 4, 8)  # large but representable: a finite answer
+    assert all(math.isfinite(e) for e in found.errors) and found.error <= found.errors[0]
+
+
+def test_a_batch_the_model_cannot_run_is_named():
+    model = nn.Sequential(_linear(16, 4))
+    with pytest.raises(ValueError, match="calibration batch 1 could not run through the model") as info:
+        awq.transform(model, [randn(4, 16), randn(4, 7)], 4, None)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match="calibration callable failed") as info:
+        awq.transform(model, lambda m: m(randn(4, 16)), 4, None)  # a callable takes no arguments
+    assert isinstance(info.value.__cause__, TypeError)

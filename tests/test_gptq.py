@@ -499,3 +499,43 @@ def test_bad_model_arguments() -> None:
         quantize_model(quantize_model(model, xs, group_size=4), xs)
     with pytest.raises(ValueError, match="group_size"):
         quantize_model(model, xs, group_size=0)
+
+
+def test_no_calibration_information_is_refused() -> None:
+    """Empty or all-zero data made every input dead, so GPTQ zeroed the whole layer; now it says so."""
+    with pytest.raises(ValueError, match=r"no inputs \(shape \(0, 16\)\)"):
+        quantize_linear(nn.Linear(16, 8), torch.empty(0, 16), 4, 8)
+    w = randn(8, 16)
+    for solver in (gptq, gptq_reference):
+        with pytest.raises(ValueError, match="H is all zero"):
+            solver(w, torch.zeros(16, 16), 4, 8)
+    with pytest.raises(ValueError, match="layer '0': H is all zero"):
+        quantize_model(mlp(), [torch.empty(0, 12)], group_size=4)
+    x = randn(64, 16)
+    x[:, 3] = 0  # one dead input among live ones: still handled (its column 0, the others quantized)
+    q = gptq(w, hessian(x), 4, 8)
+    assert bool((q.weight[:, 3] == 0).all()) and bool((q.weight[:, :3] != 0).any())
+
+
+def test_shared_layers_are_refused() -> None:
+    """One nn.Linear at two places: quantize_model replaced only the first; now it names both names."""
+    lin = nn.Linear(12, 12)
+    with pytest.raises(ValueError, match=r"'0' is one module reachable under the names \['0', '2'\]"):
+        quantize_model(nn.Sequential(lin, nn.ReLU(), lin), [randn(10, 12)], group_size=4)
+    inner = nn.Sequential(nn.Linear(12, 12))
+    with pytest.raises(ValueError, match=r"\['0.0', '2.0'\]"):  # shared through a shared parent
+        quantize_model(nn.Sequential(inner, nn.ReLU(), inner), [randn(10, 12)], group_size=4)
+    kept = quantize_model(nn.Sequential(lin, nn.ReLU(), lin), [randn(10, 12)], group_size=4, skip=["0"])
+    assert kept[0] is kept[2] and type(kept[0]) is nn.Linear  # skipping it, as the message says, works
+
+
+def test_a_batch_the_model_cannot_run_is_named() -> None:
+    model = mlp()
+    for sequential in (True, False):
+        with pytest.raises(ValueError, match="calibration batch 1 could not run through the model") as info:
+            quantize_model(model, [randn(10, 12), randn(10, 7)], group_size=4, sequential=sequential)
+        assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error, chained
+    with pytest.raises(TypeError, match="calibration batch 0 must be a tensor"):
+        quantize_model(model, [3], group_size=4)
+    with pytest.raises(ValueError, match="layer '0' got an input that is not a finite"):  # not wrapped
+        quantize_model(model, [torch.full((4, 12), float("nan"))], group_size=4)

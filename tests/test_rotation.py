@@ -165,6 +165,19 @@ def test_kurtosis_needs_two_values():
         rotation.kurtosis(torch.ones(5, 1), dim=1)
 
 
+@settings(max_examples=30, deadline=None)
+@given(value=st.floats(-1e6, 1e6), n=st.integers(2, 50))
+def test_kurtosis_of_constant_data_is_refused(value, n):
+    """Zero variance: the kurtosis is 0/0 (it returned NaN); now a clear error, per slice with dim."""
+    with pytest.raises(ValueError, match="constant"):
+        rotation.kurtosis(torch.full((n,), value))
+    x = randn(3, n)
+    x[1] = value
+    with pytest.raises(ValueError, match="1 slice"):
+        rotation.kurtosis(x, dim=1)
+    assert torch.isfinite(rotation.kurtosis(x, dim=0)).all()  # every column varies
+
+
 # --------------------------------------------------------------------------------------------------------
 # Rotated layers and models
 # --------------------------------------------------------------------------------------------------------
@@ -223,6 +236,13 @@ def test_rotate_linears_refuses_unsupported_sizes():
     ):
         with pytest.raises(TypeError, match=match):
             rotation.rotate_linears(nn.Sequential(_linear(8, 4)), **bad)
+
+
+def test_rotate_linears_refuses_shared_layers():
+    """One nn.Linear at two places: its weight was rotated in place but only one place rotated its input."""
+    lin = _linear(16, 16)
+    with pytest.raises(ValueError, match=r"'0' is one module reachable under the names \['0', '2'\]"):
+        rotation.rotate_linears(nn.Sequential(lin, nn.ReLU(), lin))
 
 
 def test_rotation_spreads_outliers():
