@@ -51,7 +51,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +157,7 @@ class _Quantizer(nn.Module):
 
     def _require_initialized(self) -> None:
         if not bool(self.initialized):
-            raise RuntimeError(
+            raise ValueError(
                 f"{type(self).__name__} has seen no data: run a batch through it (in training mode) first"
             )
 
@@ -392,6 +392,12 @@ class LearnedScaleFakeQuantize(_Quantizer):
     grids only; LSQ+ initialises both from the range, which is ``init="minmax"``). :meth:`freeze` stops
     learning (``requires_grad=False``).
 
+    The scale stays positive by projection, a clamp at float32 eps (as torch.ao's ``_LearnableFakeQuantize``
+    does; not ``|s|``, which would flip a negative step's sign): :meth:`project` clamps ``scale >= eps`` (and
+    a learned zero point into ``[qmin, qmax]``) in place before every forward pass, and :func:`fit` after
+    every optimizer step, so no forward pass and no :func:`fit` leaves a non-positive scale. The clamp is not
+    part of the graph: the gradient is LSQ's, unchanged (projected gradient descent).
+
     >>> w = torch.linspace(-1.0, 1.0, 101)
     >>> lsq = LearnedScaleFakeQuantize(QuantSpec(4, True, narrow_range=True, symmetric=True))
     >>> x_hat = lsq(w)                            # the first batch initialises the scale
@@ -447,14 +453,20 @@ class LearnedScaleFakeQuantize(_Quantizer):
     def learning(self) -> bool:
         return self.scale.requires_grad
 
+    @torch.no_grad()
+    def project(self) -> LearnedScaleFakeQuantize:
+        """Clamp the parameters in place to where they are meaningful after an optimizer step: ``scale >=
+        float32 eps``, ``qmin <= zero_point <= qmax``. :meth:`forward` and :func:`fit` call it. Returns
+        ``self``."""
+        self.scale.clamp_(min=_EPS)
+        self.zero_point.clamp_(self.spec.qmin, self.spec.qmax)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, type(self).__name__)
         if not bool(self.initialized):
             self.initialize(x)
-        spec = self.spec
-        with torch.no_grad():  # keep the parameters meaningful after an optimizer step
-            self.scale.clamp_(min=_EPS)
-            self.zero_point.clamp_(spec.qmin, spec.qmax)
+        spec = self.project().spec
         return lsq_fake_quantize(x, self.scale, self.zero_point, spec.qmin, spec.qmax)
 
     def extra_repr(self) -> str:
@@ -548,13 +560,16 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool = Tr
     eps)`` and ``b' = (b - mean) gamma / sqrt(var + eps) + beta`` (running statistics), the batch norm becomes
     ``nn.Identity``. The pairs are found by ``torch.fx`` tracing: the batch norm's input must be the conv's
     output and nothing else may use it. Other batch norms are a ``ValueError`` naming them and why
-    (``strict``) or are left as they are (``strict=False``). Returns a copy in eval mode unless ``inplace``.
+    (``strict``) or are left as they are (``strict=False``). The model must be in eval mode (a ``ValueError``
+    names the batch norms in training mode, as torch.ao's fusion refuses them): in training mode a batch norm
+    normalises with the batch statistics, which no folded conv can reproduce. Returns a copy in eval mode
+    unless ``inplace``.
 
     >>> torch.manual_seed(0) and None
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     >>> from qbook.data import randn
     >>> _ = model(randn(8, 1, 5, 5))                       # training mode: running statistics move
-    >>> folded = fold_batchnorm(model)
+    >>> folded = fold_batchnorm(model.eval())
     >>> folded
     Sequential(
       (0): Conv2d(1, 4, kernel_size=(3, 3), stride=(1, 1))
@@ -562,7 +577,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool = Tr
       (2): ReLU()
     )
     >>> x = randn(2, 1, 5, 5)
-    >>> bool((folded(x) - model.eval()(x)).abs().max() < 1e-5)
+    >>> bool((folded(x) - model(x)).abs().max() < 1e-5)
     True
     """
     if not isinstance(model, nn.Module):
@@ -570,6 +585,13 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool = Tr
     for name, value in (("inplace", inplace), ("strict", strict)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d)
+    training = [n for n, m in model.named_modules() if type(m) in bn_types and m.training]
+    if training:
+        raise ValueError(
+            f"fold_batchnorm folds the running statistics, which batch norms use only in eval mode; "
+            f"these are in training mode: {_names(training)}; call model.eval() first"
+        )
     pairs, refused = _conv_bn_pairs(model)
     if strict and refused:
         reasons = "; ".join(f"{n!r}: {why}" for n, why in refused.items())
@@ -985,15 +1007,101 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _what(obj: object) -> str:
+    """A short description of a ``data`` item for an error message."""
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (tuple, list)):
+        kinds = ", ".join(type(t).__name__ for t in obj[:3]) + (", ..." if len(obj) > 3 else "")
+        return f"a {type(obj).__name__} of {len(obj)} item(s) ({kinds})"
+    return f"a {type(obj).__name__}"
+
+
+def _is_batch(data: object) -> bool:
+    pair = isinstance(data, (tuple, list)) and len(data) == 2
+    return pair and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def _is_pair(data: object) -> bool:
+    return isinstance(data, tuple) and _is_batch(data)
+
+
+@dataclass(frozen=True)
+class _DataCheck:
+    """What :func:`fit` requires of each ``(x, y)``: ``x_dtype`` the model's floating dtype (``None``: any),
+    ``class_indices`` whether ``y`` goes to the default loss (cross-entropy)."""
+
+    x_dtype: torch.dtype | None
+    class_indices: bool
+
+    def pair(self, x: object, y: object, where: str) -> None:
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"{where}: {name} must be a tensor, got {_what(t)} (convert it with torch.as_tensor)"
+                )
+            if t.ndim == 0:
+                raise ValueError(f"{where}: {name} must have a batch dimension, got a 0-d tensor")
+        if len(x) != len(y):
+            raise ValueError(
+                f"{where}: x has {len(x)} rows and y has {len(y)}; they must be equal (one target per row)"
+            )
+        if x.is_floating_point() and self.x_dtype is not None and x.dtype != self.x_dtype:
+            raise TypeError(
+                f"{where}: x is {x.dtype} but the model's parameters are {self.x_dtype}; pass "
+                f"x.to({self.x_dtype})"
+            )
+        if self.class_indices and not (
+            y.dtype in (torch.long, torch.uint8) or (y.is_floating_point() and y.ndim >= 2)
+        ):
+            raise TypeError(
+                f"{where}: the default loss (cross-entropy) takes y as class indices (torch.long) or as "
+                f"class probabilities (floating point, shaped like the outputs), got {_what(y)}; pass "
+                "y.long(), or your own loss"
+            )
+
+    def batch(self, batch: object, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"{where} must be an (x, y) pair of tensors, got {_what(batch)}")
+        self.pair(*batch, where)
+        return batch[0], batch[1]
+
+
+def _check_data(data: object, epochs: int, check: _DataCheck) -> None:
+    """Refuse ``data`` that is not ``(x, y)`` tensors or an iterable of ``(x, y)`` batches, before training.
+    Batches of a sequence are all checked here; those of another iterable (a ``DataLoader``) as they come."""
+    if isinstance(data, (torch.Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be (x, y) tensors or an iterable of (x, y) batches, got {_what(data)}"
+        )
+    tensors = isinstance(data, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in data)
+    if isinstance(data, tuple) and len(data) == 2 and (tensors or not any(_is_batch(b) for b in data)):
+        check.pair(*data, "data")  # (x, y): TypeError if either is not a tensor
+    elif tensors:
+        raise TypeError(
+            "data must be a tuple (x, y) of two tensors or a sequence of (x, y) batches, got "
+            f"{_what(data)}"
+        )
+    elif isinstance(data, Iterator) and epochs > 1:
+        raise ValueError(
+            f"data is a one-shot {type(data).__name__}: it would give no batches after the first of "
+            f"{epochs} epochs; pass a list of batches or a DataLoader"
+        )
+    elif isinstance(data, Sequence):
+        for i, batch in enumerate(data):
+            check.batch(batch, f"data[{i}]")
+
+
 def _batches(
-    data: Any, batch_size: int, order: torch.Generator
+    data: Any, batch_size: int, order: torch.Generator, check: _DataCheck
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if _is_pair(data):
         x, y = data
         for index in torch.randperm(len(y), generator=order).split(batch_size):
             yield x[index], y[index]
     else:
-        yield from data
+        for i, batch in enumerate(data):
+            yield check.batch(batch, f"batch {i} of data")
 
 
 def _adam(model: nn.Module, lr: float, quantizer_lr: float | None) -> torch.optim.Adam:
@@ -1009,7 +1117,7 @@ def _adam(model: nn.Module, lr: float, quantizer_lr: float | None) -> torch.opti
 
 def fit(
     model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor] | Sequence[tuple[Any, Any]],
+    data: tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[Any, Any]],
     *,
     epochs: int = 1,
     lr: float = 1e-3,
@@ -1022,11 +1130,14 @@ def fit(
 ) -> list[float]:
     """Train ``model`` (a QAT model, or any model); returns the mean training loss of each epoch — chapter 8.
 
-    ``data``: ``(x, y)`` tensors, cut each epoch into shuffled mini-batches of ``batch_size`` (the order drawn
-    from ``seed``), or a sequence of ``(x, y)`` batches used as given. ``optimizer``: default Adam with ``lr``
+    ``data``: ``(x, y)`` tensors with as many rows, cut each epoch into shuffled mini-batches of
+    ``batch_size`` (the order drawn from ``seed``), or an iterable of ``(x, y)`` batches used as given (a
+    list, a ``DataLoader``); a floating ``x`` must have the model's dtype, and with the default ``loss`` ``y``
+    holds class indices (``torch.long``) or class probabilities. ``optimizer``: default Adam with ``lr``
     over every parameter, LSQ's scales and zero points with ``quantizer_lr`` (default ``lr``: Adam divides by
     the gradient's size, so LSQ's gradient scale ``g`` does not set their step, the learning rate does: a
-    weight scale of 0.01 moves by up to ``lr`` per step). Deterministic like
+    weight scale of 0.01 moves by up to ``lr`` per step; after every step
+    :meth:`LearnedScaleFakeQuantize.project` clamps the scales at float32 eps). Deterministic like
     :func:`qbook.models.train_digits_cnn`: one thread (restored afterwards), seeded, the caller's random state
     untouched. ``progress``: a tqdm bar over the epochs with the running loss. The model is left in the mode
     it had.
@@ -1059,10 +1170,9 @@ def fit(
         raise TypeError(f"loss must be callable (outputs, targets) -> tensor, got {loss!r}")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {progress!r}")
-    if isinstance(data, torch.Tensor) or not isinstance(data, (tuple, list, Sequence)):
-        raise TypeError(
-            f"data must be (x, y) tensors or a sequence of (x, y) batches, got {type(data).__name__}"
-        )
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    check = _DataCheck(next(iter(dtypes)) if len(dtypes) == 1 else None, loss is F.cross_entropy)
+    _check_data(data, epochs, check)
     from tqdm import tqdm
 
     was_training, threads = model.training, torch.get_num_threads()
@@ -1073,15 +1183,18 @@ def fit(
             torch.manual_seed(seed)
             order = torch.Generator().manual_seed(seed)
             optimizer = optimizer or _adam(model, lr, quantizer_lr)
+            learned = [m for m in model.modules() if isinstance(m, LearnedScaleFakeQuantize)]
             model.train()
             bar = tqdm(range(epochs), desc="training", disable=not progress, leave=False)
             for epoch in bar:
                 total, count = 0.0, 0
-                for x, y in _batches(data, batch_size, order):
+                for x, y in _batches(data, batch_size, order, check):
                     value = loss(model(x), y)
                     optimizer.zero_grad()
                     value.backward()
                     optimizer.step()
+                    for lsq in learned:  # keep the learned scales positive (projected gradient descent)
+                        lsq.project()
                     total, count = total + float(value.detach()) * len(y), count + len(y)
                 if count == 0:
                     raise ValueError("data gave no batches")

@@ -344,12 +344,26 @@ class Unfoldable(nn.Module):
 
 def test_fold_batchnorm_refuses_what_it_cannot_fold() -> None:
     with pytest.raises(ValueError, match="'bn'.*used elsewhere"):
-        qat.fold_batchnorm(Unfoldable())
-    after_relu = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.BatchNorm2d(2))
+        qat.fold_batchnorm(Unfoldable().eval())
+    after_relu = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.BatchNorm2d(2)).eval()
     with pytest.raises(ValueError, match="'2'.*not the output"):
         qat.fold_batchnorm(after_relu)
     kept = qat.fold_batchnorm(after_relu, strict=False)
     assert isinstance(kept[2], nn.BatchNorm2d)
+
+
+def test_fold_batchnorm_refuses_a_model_in_training_mode() -> None:
+    model = with_statistics(ConvBN(True)).train()
+    model.bn1d.eval()  # only the batch norms still in training mode are named
+    x = randn(8, 3, 4, 4)
+    # why: in training mode the batch norm uses the batch statistics, which no folded conv reproduces
+    folded_anyway = qat.fold_batchnorm(copy.deepcopy(model).eval())
+    assert not torch.allclose(folded_anyway(x), copy.deepcopy(model)(x), atol=1e-3)
+    with pytest.raises(ValueError, match=r"training mode: 'bn'; call model.eval\(\) first"):
+        qat.fold_batchnorm(model)
+    with pytest.raises(ValueError, match="training mode"):
+        qat.fold_batchnorm(model, inplace=True, strict=False)
+    assert isinstance(model.bn, nn.BatchNorm2d) and model.bn.training  # refused before touching the model
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -602,7 +616,7 @@ def test_fake_quantizers_refuse_bad_arguments() -> None:
         qat.LearnedScaleFakeQuantize(init="mse")
     with pytest.raises(TypeError, match="learn_zero_point"):
         qat.LearnedScaleFakeQuantize(learn_zero_point=1)
-    with pytest.raises(RuntimeError, match="seen no data"):
+    with pytest.raises(ValueError, match="FakeQuantize has seen no data"):  # a ValueError, not RuntimeError
         qat.FakeQuantize().freeze()(torch.ones(3))
 
 
@@ -672,6 +686,85 @@ def test_workflow_errors_name_the_problem() -> None:
         qat.fit(prepared, torch.ones(2, 4))
     with pytest.raises(ValueError, match="quantizer_lr must be a positive number"):
         qat.fit(prepared, (torch.ones(2, 4), torch.zeros(2, dtype=torch.long)), quantizer_lr=0.0)
+
+
+def small_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return qat.prepare_qat(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
+
+
+def test_fit_refuses_x_and_y_of_different_lengths() -> None:
+    x, y = randn(64, 16), torch.arange(64) % 4
+    for rows in (10, 100):  # shorter: an IndexError before; longer: trained on the first 64 rows silently
+        with pytest.raises(ValueError, match=f"data: x has {rows} rows and y has 64"):
+            qat.fit(small_mlp(), (randn(rows, 16), y), progress=False)
+    with pytest.raises(ValueError, match=r"data\[1\]: x has 8 rows and y has 7"):
+        qat.fit(small_mlp(), [(x[:8], y[:8]), (x[:8], y[:7])], progress=False)
+
+
+def test_fit_refuses_data_that_is_not_x_y_tensors() -> None:
+    x, y = randn(64, 16), torch.arange(64) % 4
+    cases = [
+        ([x], TypeError, r"a tuple \(x, y\) of two tensors .* got a list of 1 item\(s\) \(Tensor\)"),
+        ((x, y, y), TypeError, r"got a tuple of 3 item\(s\)"),
+        ([x, y], TypeError, r"got a list of 2 item\(s\) \(Tensor, Tensor\)"),
+        ((x.tolist(), y.tolist()), TypeError, r"data: x must be a tensor, got a list of 64 item\(s\)"),
+        ((x, y.tolist()), TypeError, r"data: y must be a tensor, got a list of 64 item\(s\)"),
+        ([(x, y.tolist())], TypeError, r"data\[0\]: y must be a tensor, got a list"),
+        ([x[:8]], TypeError, "a tuple"),
+        ([(x, y, y)], TypeError, r"data\[0\] must be an \(x, y\) pair of tensors, got a tuple of 3"),
+        ((x.double(), y), TypeError, "x is torch.float64 but the model's parameters are torch.float32"),
+        ((x.half(), y), TypeError, "x is torch.float16 but the model's parameters are torch.float32"),
+        ((x, y.float()), TypeError, r"cross-entropy.*got a torch.float32 tensor of shape \(64,\)"),
+        ((x, y.int()), TypeError, r"cross-entropy.*got a torch.int32 tensor"),
+        ((x, torch.tensor(1)), ValueError, "y must have a batch dimension"),
+        ({"x": x}, TypeError, "got a dict"),
+        ((b for b in [(x, y)]), ValueError, "one-shot generator"),
+    ]
+    for data, error, match in cases:
+        with pytest.raises(error, match=match):
+            qat.fit(small_mlp(), data, epochs=2, progress=False)
+
+
+def test_fit_accepts_what_the_loss_accepts() -> None:
+    x, y = randn(64, 16), torch.arange(64) % 4
+    probabilities = torch.softmax(randn(64, 4), dim=1)  # cross-entropy's soft labels
+    assert len(qat.fit(small_mlp(), (x, probabilities), progress=False)) == 1
+    assert len(qat.fit(small_mlp(), (x, y.to(torch.uint8)), progress=False)) == 1
+
+    def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return ((outputs[:, 0] - targets) ** 2).mean()
+
+    assert len(qat.fit(small_mlp(), (x, y.float()), loss=mse, progress=False)) == 1  # y is the loss's call
+    # a DataLoader of batches trains exactly as the same batches in a list
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    assert qat.fit(small_mlp(), loader, epochs=2, progress=False) == qat.fit(
+        small_mlp(), batches, epochs=2, progress=False
+    )
+    assert len(qat.fit(small_mlp(), iter(batches), epochs=1, progress=False)) == 1
+
+
+def test_lsq_scales_stay_positive_however_large_the_step() -> None:
+    x, y = randn(64, 16), torch.arange(64) % 4
+    torch.manual_seed(0)
+    model = qat.prepare_qat(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), method="lsq")
+    qat.fit(model, (x, y), epochs=3, lr=100.0, progress=False)  # ended with weight scales near -51 before
+    scales = [m.scale.detach() for m in model.modules() if isinstance(m, qat.LearnedScaleFakeQuantize)]
+    assert len(scales) == 4 and all(bool((s >= torch.finfo(torch.float32).eps).all()) for s in scales)
+    # a hand-written loop: the forward pass projects a negative scale back to eps, gradient unchanged
+    lsq = qat.LearnedScaleFakeQuantize(INT4_SYM)
+    lsq(randn(32))
+    with torch.no_grad():
+        lsq.scale.fill_(-0.5)
+    v = randn(32).requires_grad_()
+    out = lsq(v)
+    eps = torch.tensor(torch.finfo(torch.float32).eps, requires_grad=True)
+    reference = qat.lsq_fake_quantize(v, eps, torch.tensor(0.0), -7, 7)
+    assert float(lsq.scale.detach()) == float(eps.detach()) and torch.equal(out, reference)
+    out.sum().backward()
+    reference.sum().backward()
+    assert torch.equal(lsq.scale.grad, eps.grad) and float(lsq.scale.grad) != 0.0
 
 
 def test_fit_gives_the_learned_quantizer_parameters_their_own_learning_rate() -> None:
