@@ -148,8 +148,8 @@ PROSE_ALLOW: dict[str, dict[str, str]] = {
         "1.56": "a quotation: SmoothQuant's reported speed-up (Xiao et al. 2023)",
     },
     "08_quantization_aware_training.ipynb": {
-        "0.098": "a quotation: the accuracy Jamil's QAT notebook published (hkproj/quantization-notes 31b4493)",
-        "0.952": "a quotation: that notebook's accuracy after its fix (hkproj/quantization-notes fd8e177)",
+        "0.098": "a quotation: the accuracy Jamil's QAT notebook published (quantization-notes 31b4493)",
+        "0.952": "a quotation: that notebook's accuracy after its fix (quantization-notes fd8e177)",
     },
 }
 
