@@ -59,6 +59,7 @@ from torch import nn
 
 from qbook import gptq
 from qbook.affine import QuantSpec
+from qbook.outliers import capture_activations
 
 __all__ = [
     "ALPHAS",
@@ -652,23 +653,13 @@ def _run_batches(
 
 
 def _capture(model: nn.Module, names: set[str], batches: object, run: object) -> dict[str, torch.Tensor]:
-    """Inputs ``(T, K)`` of the named layers over the calibration data (forward pre-hooks)."""
-    inputs: dict[str, list[torch.Tensor]] = {}
-
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())  # (tokens, K)
-
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in sorted(names)]
-    try:
-        _run_batches(model, batches, run)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(parts) for n, parts in inputs.items()}
+    """Inputs ``(T, K)`` of the named layers over the calibration data: chapter 5's
+    :func:`~qbook.outliers.capture_activations`, the batches run as :func:`qbook.ptq.calibrate` runs them."""
+    if not names:
+        return {}
+    return capture_activations(
+        model, lambda: _run_batches(model, batches, run), lambda name, _: name in names, stat="inputs"
+    )
 
 
 def transform(

@@ -86,7 +86,13 @@ from torch.nn import functional as F
 from qbook.affine import QuantSpec
 from qbook.nn import QuantConv2d, QuantLinear, WeightOnlyConv2d, WeightOnlyLinear
 
-__all__ = ["OPSET", "SUPPORTED", "run", "session_options", "to_onnx"]
+__all__ = ["OPSET", "SUPPORTED", "UnsupportedModelError", "run", "session_options", "to_onnx"]
+
+
+class UnsupportedModelError(NotImplementedError, ValueError):
+    """A module, function or argument :func:`to_onnx` cannot write (outside :data:`SUPPORTED`, or without an
+    ONNX equivalent). A ``ValueError`` like every refusal of bad input in qbook, and a ``NotImplementedError``
+    because the model itself may be fine: catch either."""
 
 #: The ONNX opset :func:`to_onnx` writes by default: 21 is the first with block-wise ``DequantizeLinear``
 #: and int4 tensors (the weight-only modules); the integer operators exist since opset 10.
@@ -457,7 +463,7 @@ def _avg_pool(
     from qbook.nn import _pair
 
     if divisor_override is not None:
-        raise NotImplementedError("avg_pool2d(divisor_override=...) has no ONNX equivalent")
+        raise UnsupportedModelError("avg_pool2d(divisor_override=...) has no ONNX equivalent")
     k = _pair(kernel_size, "kernel_size")
     s = k if stride is None or stride == [] else _pair(stride, "stride")
     p = _pair(padding, "padding")
@@ -502,7 +508,7 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
                 raise TypeError(f"{who} takes float32 inputs or {module.act_spec.dtype} codes, got {x.dtype}")
             if g.quant_format == "qdq":
                 if module.output != "float":
-                    raise NotImplementedError(
+                    raise UnsupportedModelError(
                         f"{who} has output='int8': its fixed-point requantization (9.5) has no QDQ form that "
                         "rounds like qbook; export it with quant_format='integer'"
                     )
@@ -550,7 +556,7 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
         return g.op("BatchNormalization", x.name, *names, epsilon=float(module.eps))
     if type(module) is nn.AvgPool2d:
         if module.divisor_override is not None:
-            raise NotImplementedError(f"{who}: AvgPool2d(divisor_override=...) has no ONNX equivalent")
+            raise UnsupportedModelError(f"{who}: AvgPool2d(divisor_override=...) has no ONNX equivalent")
         return _avg_pool(
             g,
             x.name,
@@ -562,7 +568,7 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
         )
     if type(module) is nn.AdaptiveAvgPool2d:
         if module.output_size not in (1, (1, 1), [1, 1]):
-            raise NotImplementedError(f"{who}: AdaptiveAvgPool2d is exported for output size 1 only")
+            raise UnsupportedModelError(f"{who}: AdaptiveAvgPool2d is exported for output size 1 only")
         return g.op("GlobalAveragePool", x.name)
     if type(module) is nn.LeakyReLU:
         return g.op("LeakyRelu", x.name, alpha=float(module.negative_slope))
@@ -591,7 +597,7 @@ def _module_handler(g: _Graph, module: nn.Module, x: _Value, out: _Value, who: s
             " (a prepared, QAT or simulated layer: convert the model to qbook.nn's integer modules first, "
             "with qbook.ptq.convert, qbook.qat.convert or FakeQuantLinear.to_integer)"
         )
-    raise NotImplementedError(
+    raise UnsupportedModelError(
         f"{who}: {type(module).__module__}.{type(module).__name__} is not supported by qbook.export{hint}; "
         f"supported modules: {', '.join(sorted(SUPPORTED['modules']))}"
     )
@@ -611,7 +617,7 @@ class _Geometry:
 
 def _check_conv(conv: nn.Conv2d, who: str) -> None:
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"{who}: only Conv2d with groups=1, numeric zero padding is exported, got groups={conv.groups}, "
             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
         )
@@ -679,7 +685,7 @@ def _function_handler(g: _Graph, node: fx.Node, args: list[Any], kwargs: dict[st
         return pool(**params)
     if key is F.adaptive_avg_pool2d and len(args) == 2 and args[1] in (1, (1, 1), [1, 1]) and not kwargs:
         return g.op("GlobalAveragePool", _tensor(args[0], who).name)
-    raise NotImplementedError(
+    raise UnsupportedModelError(
         f"{who} is not supported by qbook.export (or not with these arguments: {len(args)} positional, "
         f"keywords {sorted(kwargs)}); supported functions and methods: {', '.join(SUPPORTED['functions'])}"
     )
@@ -703,13 +709,13 @@ def _is_shape(node: fx.Node, values: dict[str, _Value]) -> bool:
 
 def _tensor(value: Any, who: str) -> _Value:
     if not isinstance(value, _Value) or value is _SHAPE:
-        raise NotImplementedError(f"{who}: expected a tensor argument, got {value!r}")
+        raise UnsupportedModelError(f"{who}: expected a tensor argument, got {value!r}")
     return value
 
 
 def _operand(g: _Graph, value: Any, who: str) -> str:
     if value is _SHAPE:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"{who}: arithmetic with x.shape / x.size() is exported only inside reshapes"
         )
     if isinstance(value, _Value):
@@ -718,7 +724,7 @@ def _operand(g: _Graph, value: Any, who: str) -> str:
         return value.name
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return g.const(np.float32(value), "scalar")
-    raise NotImplementedError(f"{who}: operands must be tensors or numbers, got {value!r}")
+    raise UnsupportedModelError(f"{who}: operands must be tensors or numbers, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -743,8 +749,8 @@ def to_onnx(
     ``opset`` ≥ 21; ``check`` runs ``onnx.checker.check_model`` (with full shape inference);
     ``dynamic_batch`` names the first dimension ``"batch"`` so any batch size runs (shapes other than the
     batch are fixed by ``example_input``). Dropout and batch norm are exported as in eval mode, and refused
-    while they are in training mode. An operation outside :data:`SUPPORTED` raises ``NotImplementedError``
-    naming it.
+    while they are in training mode. An operation outside :data:`SUPPORTED` raises
+    :class:`UnsupportedModelError` naming it.
 
     ``quant_format="integer"`` (default) writes static layers with integer operators, bit-exact to qbook;
     ``"qdq"`` writes them as ``QuantizeLinear → DequantizeLinear → float MatMul/Conv`` with dequantized
@@ -799,7 +805,7 @@ def _export(
     try:
         graph_module = fx.GraphModule(model, tracer.trace(model))
     except Exception as e:  # fx cannot trace data-dependent Python control flow
-        raise NotImplementedError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
+        raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
     try:
         with torch.no_grad():
             _ShapeProp(graph_module).run(example)
@@ -813,7 +819,7 @@ def _export(
     def value_of(node: fx.Node) -> _Value:
         meta = node.meta.get("tensor_meta")
         if meta is None or not hasattr(meta, "shape"):
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"node {node.name} ({_name_of(node.target)}) does not produce one tensor; qbook.export takes "
                 "models whose operations map tensors to tensors (x.shape / x.size() only inside reshapes)"
             )
@@ -825,7 +831,7 @@ def _export(
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
             if inputs:
-                raise NotImplementedError("qbook.export takes models with one tensor input")
+                raise UnsupportedModelError("qbook.export takes models with one tensor input")
             v = value_of(node)
             values[node.name] = _Value("input", v.shape, v.dtype)
             inputs.append(helper.make_tensor_value_info("input", _FLOAT, dims(v.shape)))
@@ -833,11 +839,11 @@ def _export(
         if node.op == "output":
             result = node.args[0]
             if not isinstance(result, fx.Node):
-                raise NotImplementedError("qbook.export takes models with one tensor output")
+                raise UnsupportedModelError("qbook.export takes models with one tensor output")
             v = values[result.name]
             types = {torch.float32: _FLOAT, torch.int8: _INT8, torch.uint8: _UINT8}
             if v.dtype not in types:
-                raise NotImplementedError(
+                raise UnsupportedModelError(
                     f"the model's output must be float32 (or int8 codes), got {v.dtype}"
                 )
             if any(v.name in n.output for n in g.nodes):  # name the last node's result "output"
@@ -849,7 +855,7 @@ def _export(
             outputs.append(helper.make_tensor_value_info("output", types[v.dtype], dims(v.shape)))
             continue
         if node.op == "get_attr":
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"node {node.name} reads the tensor attribute {node.target!r} directly; qbook.export takes "
                 "parameters inside modules only"
             )
@@ -860,12 +866,12 @@ def _export(
         args = [values[a.name] if isinstance(a, fx.Node) else a for a in node.args]
         kwargs = {k: values[a.name] if isinstance(a, fx.Node) else a for k, a in node.kwargs.items()}
         if any(isinstance(a, (list, tuple)) and any(isinstance(b, fx.Node) for b in a) for a in node.args):
-            raise NotImplementedError(f"node {node.name}: lists of tensors are not exported")
+            raise UnsupportedModelError(f"node {node.name}: lists of tensors are not exported")
         g.scope = node.name
         if node.op == "call_module":
             who = f"module {node.target!r}"
             if len(args) != 1 or kwargs:
-                raise NotImplementedError(f"{who} is called with more than one tensor")
+                raise UnsupportedModelError(f"{who} is called with more than one tensor")
             name = _module_handler(g, modules[node.target], _tensor(args[0], who), out, who)
         else:
             name = _function_handler(g, node, args, kwargs, out)

@@ -458,6 +458,9 @@ def test_unsupported_modules_and_ops_are_named():
         export.to_onnx(_Softmax(), x)
     with pytest.raises(NotImplementedError, match="torch.fx cannot trace"):
         export.to_onnx(_Branch(), x)
+    with pytest.raises(ValueError, match=r"LayerNorm is not supported") as refused:  # bad input, as in qbook
+        export.to_onnx(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), x)
+    assert type(refused.value) is export.UnsupportedModelError
     with pytest.raises(ValueError, match="batch dimension.*dynamic_batch=False"):
         export.to_onnx(_BatchReshape(), x)
     assert export.to_onnx(_BatchReshape(), x, dynamic_batch=False).graph.node[0].op_type == "Reshape"
