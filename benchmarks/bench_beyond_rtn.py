@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import subprocess
 import sys
@@ -384,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         record["timing"] = timing_results(model, x_cal, args.rounds)
     record["elapsed_s"] = time.perf_counter() - start
     out = args.out or RESULTS / f"beyond_rtn_{time.strftime('%Y-%m-%d')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    bench.write_record(record, out)
     print(f"\nwritten {out} ({record['elapsed_s']:.0f} s)")
     return 0
 

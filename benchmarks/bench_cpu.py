@@ -15,7 +15,6 @@ the resident memory before the call; Linux's /proc/self/clear_refs resets the pe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio {m['ratio_qbook_over_composition']:.2f}"
         )
     out = args.out or RESULTS / f"cpu_{time.strftime('%Y-%m-%d')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    bench.write_record(record, out)
     print(f"\nwritten {out}")
     return 0
 

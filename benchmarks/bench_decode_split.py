@@ -16,7 +16,6 @@ Writes ``decode_split_<device>.json``. Without a CUDA GPU it says so and exits w
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -97,6 +96,8 @@ def main() -> int:
     import bench_int8_matmul as bench
     import triton
 
+    from qbook.bench import write_record
+
     info = bench.provenance()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows, checks = [], []
@@ -105,13 +106,11 @@ def main() -> int:
     info["triton"] = triton.__version__
     info["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
     slug = re.sub(r"[^a-z0-9]+", "_", info["device"].lower()).strip("_")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"decode_split_{slug}.json"
     timing = ("CUDA graph of calls on rotating weight copies (> 2x L2); graph time / calls; median of reps "
               "per pass; passes interleaved over the variants")
     result = {"benchmark": "decode_split", "provenance": info, "checks": checks, "results": rows,
               "timing": timing}  # fmt: skip
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_record(result, args.out_dir / f"decode_split_{slug}.json")
     print(f"wrote {path}")
     failed = [c for c in checks if not c["equal"]]
     if failed:

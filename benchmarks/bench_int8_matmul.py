@@ -498,7 +498,6 @@ def main() -> int:
     info["nvidia_smi_after"] = nvidia_smi()
     info["seconds"] = round(time.perf_counter() - started, 1)
     slug = re.sub(r"[^a-z0-9]+", "_", info["device"].lower()).strip("_")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "int8_matmul",
         "provenance": info,
@@ -512,8 +511,9 @@ def main() -> int:
         "autotuner": autotuner_choices(),
         "summary": summarize(rows),
     }
-    json_path = args.out_dir / f"int8_matmul_{slug}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    from qbook.bench import write_record
+
+    json_path = write_record(result, args.out_dir / f"int8_matmul_{slug}.json")
     print(f"wrote {json_path} after {info['seconds']} s")
     if roofs:
         png_path = json_path.with_suffix(".png")

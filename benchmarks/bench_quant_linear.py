@@ -30,7 +30,6 @@ on it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -176,8 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     report["load_after"] = os.getloadavg()
     suffix = "_cpu" if args.clock == "cpu" else ""
     out = args.out or RESULTS / f"quant_linear_{time.strftime('%Y-%m-%d')}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    bench.write_record(report, out)
     print(f"\nload average before {load_before}, after {report['load_after']}; wrote {out}")
     return report
 

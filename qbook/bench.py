@@ -12,17 +12,20 @@ called by the unit tests with a threshold.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-__all__ = ["Row", "Result", "compare", "cpu_rows", "provenance", "geomean"]
+__all__ = ["Row", "Result", "compare", "cpu_rows", "provenance", "geomean", "write_record"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,22 @@ def provenance() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def write_record(record: dict, path: str | os.PathLike) -> Path:
+    """Write a benchmark's record (provenance and results) to ``path`` as indented JSON, creating the folder;
+    return the path. Every script in ``benchmarks/`` writes its results this way.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = write_record({"ratio": 1.5}, Path(d) / "results" / "x.json")
+    ...     json.loads(path.read_text())
+    {'ratio': 1.5}
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return path
 
 
 def _quiet(fn: Callable[..., object], *args: object) -> object:
