@@ -228,6 +228,7 @@ def _dynamic_cpu(
 ) -> torch.Tensor:
     """(7.2) on the CPU for rows ``x`` (M, K) float32, a chunk of rows at a time (:func:`_rows_per_chunk`):
     quantize each token, ``torch._int_mm``, the epilogue written straight into the output."""
+    weight_t = _blas_layout(weight_t)  # strides CPU _int_mm reads right (a (1, N) transpose is misread)
     M, N = x.shape[0], weight_t.shape[1]
     y = torch.empty(M, N, dtype=torch.float32)
     acc = y.view(torch.int32)  # the int32 accumulators live where their float32 outputs will be
@@ -470,7 +471,7 @@ class _IntegerMatmul(QuantModule):
         """The integer core on rows (M, K): quantize (unless ``quantized``), accumulate, epilogue. Integer
         arithmetic has no gradient: the input is detached."""
         rows = rows.detach()
-        weight_t = _blas_layout(self.weight.view(self.out_features, -1).t())  # (K, N) int8, _int_mm-safe
+        weight_t = self.weight.view(self.out_features, -1).t()  # (K, N) int8
         if self.activation == "dynamic":  # (7.2)
             qmin, qmax = self.act_spec.qmin, self.act_spec.qmax
             if rows.is_cpu and _INT_MM_CPU:
@@ -570,8 +571,7 @@ class QuantLinear(_IntegerMatmul):
             and x.is_cpu
         ):  # dynamic int8 on the CPU: the short path
             rows = x.detach().reshape(-1, self.in_features)  # (M, K)
-            weight_t = _blas_layout(self.weight.t())  # (K, N), a free view with strides _int_mm reads
-            y = _dynamic_cpu(rows, weight_t, self.weight_scale, self.bias, -127, 127, "QuantLinear")
+            y = _dynamic_cpu(rows, self.weight.t(), self.weight_scale, self.bias, -127, 127, "QuantLinear")
             return y.view(*x.shape[:-1], self.out_features)
         _check_float_input(x, type(self).__name__, f"(..., {self.in_features})")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
